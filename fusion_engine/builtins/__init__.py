@@ -1,0 +1,1 @@
+"""The built-in plugins, registered through fusion-engine's own entry points."""

@@ -1,0 +1,172 @@
+"""Any timm model as a backbone, with hub or local pretrained weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fusion_engine import hookimpl
+from fusion_engine.errors import ConfigError, WeightsError
+from fusion_engine.safe_files import load_weights_file
+from fusion_engine.weights_index import ENV_VAR, find_entry
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (never blocks longer)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def _hub_cached(model) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = model.pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        return False
+    return any(isinstance(try_to_load_from_cache(hub_id, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+
+
+def _offline_error(model_name: str) -> WeightsError:
+    return WeightsError(
+        f"pretrained weights for timm model '{model_name}' are not in the local cache and the hub cannot be "
+        f"reached (offline?). Pass a local file instead: {{\"name\": \"timm\", \"model\": \"{model_name}\", "
+        f"\"weights\": \"/path/to/weights.safetensors\"}}, or name weights listed in the index.json of a folder "
+        f"given by --weights-dir / {ENV_VAR}.")
+
+
+def _load_local(model: nn.Module, path: str) -> None:
+    """Load a local state dict (classifier dropped) strictly; mismatches name the keys."""
+    state = load_weights_file(path)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    for prefix in [classifier] if isinstance(classifier, str) else classifier:
+        for key in [k for k in state if k == prefix or k.startswith(prefix + ".")]:
+            state.pop(key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} with other shapes (e.g. {', '.join(wrong[:2])})")
+        raise WeightsError(f"weights file {path} does not fit timm model '{model.default_cfg.get('architecture')}': "
+                           + "; ".join(parts) + ". Check the model name and model_kwargs.")
+    model.load_state_dict(state, strict=True)
+
+
+class TimmBackbone(nn.Module):
+    """A timm model without its classifier; ``forward`` returns ``forward_features``."""
+
+    def __init__(self, model: nn.Module, data_config: dict):
+        super().__init__()
+        self.model = model
+        self.data_config = data_config
+        self.feature_dim = int(model.num_features)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's feature map, the final features last."""
+        final, stages = self.model.forward_intermediates(x)
+        stages = list(stages)
+        if not stages or final is not stages[-1]:  # CNNs without a head conv return the last stage itself
+            stages.append(final)
+        return stages
+
+
+def timm_backbone(
+    model: str | None = None,
+    pretrained: bool = False,
+    weights: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    input_size: int | list[int] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    interpolation: str | None = None,
+) -> TimmBackbone:
+    """Build ``timm.create_model(model, num_classes=0)``; ``weights`` is a local file or an indexed name."""
+    import timm
+    from timm.data import resolve_model_data_config
+
+    model_kwargs = dict(model_kwargs or {})
+    # An indexed name ("mobilenetv2_100.tf1_quant_in1k") has a dot too: look it up unless it is a file.
+    entry = find_entry(weights) if weights and not Path(weights).is_file() else None
+    if weights and entry is None and not Path(weights).is_file():
+        raise WeightsError(f"weights file {weights} does not exist, and '{weights}' is not a name in the "
+                           f"index.json of a folder given by --weights-dir / {ENV_VAR}")
+    if entry is not None:
+        arch = entry.get("architecture", "")
+        if not arch.startswith("timm:"):
+            raise ConfigError(f"weights '{weights}' are for '{arch}', not a timm model")
+        model = model or arch.split(":", 1)[1]
+        model_kwargs = {**entry.get("timm_kwargs", {}), **model_kwargs}
+        mean = mean or entry.get("mean")
+        std = std or entry.get("std")
+        interpolation = interpolation or entry.get("interpolation")
+        input_size = input_size or entry.get("input_size")
+        weights = entry["path"]
+    if not model:
+        raise ConfigError("timm backbone needs 'model' (a timm model name such as 'resnet50') or indexed 'weights'")
+    try:
+        net = timm.create_model(model, pretrained=False, num_classes=0, **model_kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        from fusion_engine.registry import suggest
+
+        raise ConfigError(f"unknown timm model '{model}'{suggest(model, timm.list_models())}. "
+                          "See timm.list_models() for valid names.") from None
+    if weights:
+        if not Path(weights).is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
+        _load_local(net, weights)
+    elif pretrained:
+        if not _hub_cached(net) and not _hub_reachable():
+            raise _offline_error(model)
+        net = timm.create_model(model, pretrained=True, num_classes=0, **model_kwargs)
+    config = dict(resolve_model_data_config(net))
+    if input_size is not None:
+        size = [input_size] * 2 if isinstance(input_size, int) else list(input_size)[-2:]
+        config["input_size"] = (config["input_size"][0], *size)
+    for key, value in (("mean", mean), ("std", std), ("interpolation", interpolation)):
+        if value is not None:
+            config[key] = tuple(value) if isinstance(value, list) else value
+    data_config = {k: config[k] for k in ("input_size", "mean", "std", "interpolation")}
+    return TimmBackbone(net.eval(), data_config)
+
+
+@hookimpl
+def register_backbones(register):
+    register("timm", timm_backbone, description="Any timm model (timm.create_model), hub or local weights")

@@ -1,0 +1,154 @@
+"""Frozen-branch feature extraction with a persistent on-disk cache.
+
+Each branch's features for a dataset are one float32 ``.npy`` file named by a key over
+the branch's config, its weights (a digest of the actual tensors), its preprocessing and
+the data digest; features are written in chunks to a memory-mapped file, so memory stays
+bounded whatever the dataset size, and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import collate_images
+from .progress import Progress
+
+CACHE_VERSION = "features-v1"
+
+
+def default_cache_dir() -> Path:
+    """``$FUSION_ENGINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusion-engine/features`` (~/.cache)."""
+    env = os.environ.get("FUSION_ENGINE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fusion-engine" / "features"
+
+
+def tensors_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state-dict names, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{tuple(tensor.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def branch_key(model, index: int, data_digest: str) -> str:
+    """Cache key of one branch's features on one dataset."""
+    branch = model.branches[index]
+    spec = model.config.backbones[index]
+    parts = {
+        "version": CACHE_VERSION,
+        "backbone": spec.name, "options": spec.options, "extractor": spec.extractor.model_dump(),
+        "weights": tensors_digest(branch),
+        "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in branch.backbone.data_config.items()},
+        "data": data_digest,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def input_size_for(model) -> tuple[int, int]:
+    """The largest branch input size: images of mixed sizes are resized to it before batching."""
+    sizes = [tuple(b.backbone.data_config["input_size"][-2:]) for b in model.branches]
+    return max(sizes, key=lambda s: s[0] * s[1])
+
+
+def make_loader(dataset, model, batch_size: int, num_workers: int = 0, shuffle=False, generator=None):
+    collate = functools.partial(collate_images, size=input_size_for(model))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       collate_fn=collate, generator=generator,
+                                       persistent_workers=False)
+
+
+class FeatureCache:
+    """Feature arrays on disk, filled once; ``stats`` counts hits and extractions."""
+
+    def __init__(self, directory=None, enabled: bool = True):
+        self.directory = Path(directory) if directory else default_cache_dir()
+        self.enabled = enabled
+        self.stats = {"hits": 0, "extracted": 0, "extract_seconds": 0.0}
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.npy"
+
+    def arrays(self, keys: list[str], shapes: list[tuple[int, int]], fill) -> list[np.ndarray]:
+        """The cached arrays for ``keys``; missing ones are created and written by ``fill(indices, arrays)``.
+
+        Arrays are filled in a temporary memory-mapped file and renamed into place when
+        complete, so an interrupted run leaves no partial cache entry.
+        """
+        out: list[np.ndarray | None] = [None] * len(keys)
+        if self.enabled:
+            for i, key in enumerate(keys):
+                if self.path(key).is_file():
+                    out[i] = np.load(self.path(key), mmap_mode="r")
+                    self.stats["hits"] += 1
+        missing = [i for i, a in enumerate(out) if a is None]
+        if not missing:
+            return out
+        start = time.perf_counter()
+        tmp_paths = []
+        if self.enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for i in missing:
+                fd, name = tempfile.mkstemp(prefix=f".{keys[i]}.", suffix=".npy.tmp", dir=self.directory)
+                os.close(fd)
+                tmp_paths.append(Path(name))
+            buffers = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=shapes[i])
+                       for p, i in zip(tmp_paths, missing)]
+        else:
+            buffers = [np.empty(shapes[i], dtype=np.float32) for i in missing]
+        try:
+            fill(missing, buffers)
+            for j, i in enumerate(missing):
+                if self.enabled:
+                    buffers[j].flush()
+                    os.replace(tmp_paths[j], self.path(keys[i]))
+                    out[i] = np.load(self.path(keys[i]), mmap_mode="r")
+                else:
+                    out[i] = buffers[j]
+        finally:
+            for tmp in tmp_paths:
+                tmp.unlink(missing_ok=True)
+        self.stats["extract_seconds"] += time.perf_counter() - start
+        self.stats["extracted"] += len(missing)
+        return out
+
+    def features(self, model, dataset, *, batch_size: int = 64, num_workers: int = 0, device="cpu",
+                 progress: bool = True) -> list[np.ndarray]:
+        """One (N, D_i) array per branch (memory-mapped when cached); one pass extracts all missing."""
+        digest = dataset.digest()
+        keys = [branch_key(model, i, digest) for i in range(len(model.branches))]
+        shapes = [(len(dataset), b.feature_dim) for b in model.branches]
+
+        def fill(indices, buffers):
+            loader = make_loader(dataset, model, batch_size, num_workers)
+            run_branches(model, loader, indices, buffers, device, Progress(len(dataset), "extracting features", progress))
+
+        return self.arrays(keys, shapes, fill)
+
+
+@torch.inference_mode()
+def run_branches(model, loader, indices, outputs, device, progress) -> None:
+    """Fill ``outputs[j]`` with branch ``indices[j]``'s features, batch by batch."""
+    model.eval()
+    pre_needed = sorted({model.preprocess_index[i] for i in indices})
+    row = 0
+    for images, _ in loader:
+        images = images.to(device)
+        inputs = {p: model.preprocessors[p](images) for p in pre_needed}
+        for out, i in zip(outputs, indices):
+            out[row:row + len(images)] = model.branches[i](inputs[model.preprocess_index[i]]).float().cpu().numpy()
+        row += len(images)
+        progress.update(len(images))

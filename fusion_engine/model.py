@@ -1,0 +1,95 @@
+"""FusedClassifier: per-branch preprocessing -> backbone -> extractor, then fusion -> logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .preprocess import Preprocess, data_config_key
+
+
+class Branch(nn.Module):
+    """One backbone with its extractor; ``forward`` takes preprocessed images."""
+
+    def __init__(self, name: str, backbone: nn.Module, extractor: nn.Module, frozen: bool = True):
+        super().__init__()
+        self.name = name
+        self.backbone = backbone
+        self.extractor = extractor
+        self.uses_stages = bool(getattr(extractor, "uses_stages", False))
+        self.frozen = frozen
+        self.feature_dim: int | None = None
+        if frozen:
+            self.backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone.forward_stages(x) if self.uses_stages else self.backbone(x)
+        return self.extractor(out)
+
+
+class FusedClassifier(nn.Module):
+    """Several backbones fused into one classifier that takes plain images.
+
+    Input: float images in [0, 1], (B, C, H, W), grey or RGB, any size; each branch
+    resizes and normalises them to its own backbone's data config.
+    """
+
+    def __init__(self, branches: list[Branch], fusion: nn.Module, config, class_names=None):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.fusion = fusion
+        self.config = config
+        self.class_names = list(class_names) if class_names is not None else None  # set by fit() from the data
+        keys, self.preprocess_index = {}, []
+        preprocessors = []
+        for branch in branches:
+            key = data_config_key(branch.backbone.data_config)
+            if key not in keys:
+                keys[key] = len(preprocessors)
+                preprocessors.append(Preprocess(branch.backbone.data_config))
+            self.preprocess_index.append(keys[key])
+        self.preprocessors = nn.ModuleList(preprocessors)
+        self.extras: dict = {}  # plugin-free side information kept with the model (probes, history)
+
+    @property
+    def branch_names(self) -> list[str]:
+        return [b.name for b in self.branches]
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def train(self, mode: bool = True):
+        """Frozen backbones stay in eval mode (batch-norm statistics untouched)."""
+        super().train(mode)
+        for branch in self.branches:
+            if branch.frozen:
+                branch.backbone.eval()
+        return self
+
+    def branch_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """One (B, D_i) feature tensor per branch; shared preprocessing runs once."""
+        inputs = [pre(images) for pre in self.preprocessors]
+        return [branch(inputs[i]) for branch, i in zip(self.branches, self.preprocess_index)]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fusion(self.branch_features(images))
+
+    @torch.inference_mode()
+    def predict_proba(self, images, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities (N, num_classes) for tensors or numpy arrays (uint8 or float)."""
+        from .data import to_float_images
+
+        was_training = self.training
+        self.eval()
+        x = to_float_images(images)
+        device = next(self.parameters()).device
+        out = [torch.softmax(self(x[i:i + batch_size].to(device)).float(), dim=1).cpu()
+               for i in range(0, len(x), batch_size)]
+        self.train(was_training)
+        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), dtype=np.float32)
+
+    def predict(self, images, batch_size: int = 64) -> np.ndarray:
+        """Predicted class indices (N,)."""
+        return self.predict_proba(images, batch_size=batch_size).argmax(axis=1)

@@ -1,0 +1,14 @@
+"""Entry point (group ``fusion_engine``): registers the ``bilinear`` fusion."""
+
+from fusion_engine import hookimpl
+
+from .fusion import bilinear_fusion
+
+
+@hookimpl
+def register_fusions(register):
+    register(
+        "bilinear",
+        bilinear_fusion,
+        description="Low-rank (MFB) bilinear pooling across any number of branches",
+    )

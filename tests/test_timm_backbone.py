@@ -1,0 +1,176 @@
+"""The built-in timm backbone: local weights, indexed weights, offline behaviour, errors, stages."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from fusion_engine import ConfigError, Engine, WeightsError
+
+MOBILENET = "mobilenetv2_100.tf1_quant_in1k"
+
+
+@pytest.fixture
+def engine():
+    return Engine.from_plugins(entry_points=False)
+
+
+@pytest.fixture
+def mobilenet_file(shared_dir):
+    path = shared_dir / "weights" / f"{MOBILENET}.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def reference_mobilenet(path):
+    """As /work/shared/weights/README.md loads it, with timm's own pretrained loader."""
+    import timm
+
+    return timm.create_model("mobilenetv2_100", pretrained=True, pad_type="same", num_classes=0,
+                             pretrained_cfg_overlay=dict(file=str(path), mean=(0.5,) * 3, std=(0.5,) * 3)).eval()
+
+
+def test_local_weights_give_the_same_features_as_timm(engine, mobilenet_file):
+    model = engine.build({"backbones": [{
+        "name": "timm", "model": "mobilenetv2_100", "model_kwargs": {"pad_type": "same"},
+        "weights": str(mobilenet_file), "mean": [0.5] * 3, "std": [0.5] * 3}], "num_classes": 2}).eval()
+    assert model.branches[0].backbone.data_config["input_size"] == (3, 224, 224)
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 224, 224)
+    normalised = (images - 0.5) / 0.5
+    with torch.no_grad():
+        expected = reference_mobilenet(mobilenet_file)(normalised)
+        through_branch = model.branches[0](normalised)
+        through_model = model.branch_features(images)[0]  # the model's own preprocessing
+    assert expected.shape == (2, 1280)
+    assert expected.abs().max() > 0.1  # really the pretrained weights, not zeros
+    torch.testing.assert_close(through_branch, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(through_model, expected, atol=1e-5, rtol=0)
+
+
+def test_weights_by_index_name(engine, shared_dir, mobilenet_file, monkeypatch):
+    config = {"backbones": [{"name": "timm", "weights": MOBILENET}], "num_classes": 2}
+    with pytest.raises(WeightsError, match=r"not a name in the index\.json.*FUSION_ENGINE_WEIGHTS_DIR"):
+        engine.build(config)  # no weights folder configured
+
+    monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(shared_dir / "weights"))
+    model = engine.build(config).eval()
+    assert model.branch_names == [f"timm:{MOBILENET}"]
+    backbone = model.branches[0].backbone
+    assert backbone.data_config == {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                                    "interpolation": "bilinear"}
+    assert backbone.model.default_cfg["architecture"] == "mobilenetv2_100"
+    # pad_type="same" from the index's timm_kwargs: timm then uses its dynamic 'same' padding convolution
+    assert any(type(m).__name__ == "Conv2dSame" for m in backbone.model.modules())
+
+    normalised = (torch.rand(1, 3, 224, 224) - 0.5) / 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(model.branches[0](normalised), reference_mobilenet(mobilenet_file)(normalised),
+                                   atol=1e-5, rtol=0)
+
+
+def test_missing_weights_file(engine, tmp_path):
+    missing = tmp_path / "nothing.safetensors"
+    with pytest.raises(WeightsError, match=rf"weights file {missing} does not exist"):
+        engine.build({"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(missing)}],
+                      "num_classes": 2})
+
+
+def test_weights_of_another_architecture(engine, mobilenet_file):
+    with pytest.raises(WeightsError) as info:
+        engine.build({"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(mobilenet_file)}],
+                      "num_classes": 2})
+    message = str(info.value)
+    assert f"weights file {mobilenet_file} does not fit timm model 'test_resnet'" in message
+    assert "missing" in message and "unexpected" in message and "Check the model name" in message
+
+
+def test_weights_of_another_width(engine, mobilenet_file):
+    # the same layers at another width: every key is there, the shapes differ
+    with pytest.raises(WeightsError, match=r"does not fit timm model 'mobilenetv2_050'.*other shapes"):
+        engine.build({"backbones": [{"name": "timm", "model": "mobilenetv2_050", "weights": str(mobilenet_file),
+                                     "model_kwargs": {"pad_type": "same"}}], "num_classes": 2})
+
+
+def test_pretrained_offline_fails_fast_with_a_clear_message(engine):
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as info:
+        engine.build({"backbones": [{"name": "timm", "model": "resnet18", "pretrained": True}], "num_classes": 2})
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "resnet18" in message and "weights" in message and "offline" in message
+
+
+def test_pretrained_does_not_hang_when_the_network_hangs(engine, monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that never answers (DNS or connect hanging) is an error, not a hang."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    release = threading.Event()
+
+    def hang(*args, **kwargs):
+        release.wait(30)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WeightsError, match="weights"):
+            engine.build({"backbones": [{"name": "timm", "model": "resnet18", "pretrained": True}],
+                          "num_classes": 2})
+        assert time.monotonic() - start < 10
+    finally:
+        release.set()
+
+
+def test_unknown_timm_model_suggests_a_close_match(engine):
+    with pytest.raises(ConfigError, match=r"unknown timm model 'test_resnt' \(did you mean 'test_resnet'\?\)"):
+        engine.build({"backbones": ["timm:test_resnt"], "num_classes": 2})
+
+
+def test_timm_backbone_needs_a_model(engine):
+    with pytest.raises(ConfigError, match="needs 'model'"):
+        engine.build({"backbones": ["timm"], "num_classes": 2})
+
+
+def test_data_config_overrides(engine):
+    model = engine.build({"backbones": [{"name": "timm", "model": "test_efficientnet", "input_size": [40, 48],
+                                         "mean": [0.1, 0.2, 0.3], "interpolation": "bilinear"}], "num_classes": 2})
+    config = model.branches[0].backbone.data_config
+    assert config["input_size"] == (3, 40, 48)
+    assert config["mean"] == (0.1, 0.2, 0.3)
+    assert config["std"] == pytest.approx((0.229, 0.224, 0.225))  # timm's, not overridden
+    assert config["interpolation"] == "bilinear"
+
+
+def test_backbone_contract(engine):
+    backbone = engine.build({"backbones": ["timm:test_resnet"], "num_classes": 2}).branches[0].backbone
+    assert backbone.feature_dim == 96
+    assert set(backbone.data_config) == {"input_size", "mean", "std", "interpolation"}
+    assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, 96, 1, 1)  # a feature map
+
+
+@pytest.mark.parametrize("model, extra_final", [("test_resnet", False), ("test_convnext", False),
+                                                ("test_efficientnet", True)])
+def test_forward_stages_lists_each_stage_once(engine, model, extra_final):
+    backbone = engine.build({"backbones": [f"timm:{model}"], "num_classes": 2}).branches[0].backbone
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        stages = backbone.forward_stages(x)
+        final = backbone(x)
+    # one entry per timm feature stage, plus the final features when a head conv makes them differ
+    assert len(stages) == len(backbone.model.feature_info) + int(extra_final)
+    assert stages[-1].shape[1] == backbone.feature_dim
+    torch.testing.assert_close(stages[-1], final)
+    assert all(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(stages, stages[1:]))
+
+
+def test_vit_tokens_and_prefix(engine):
+    backbone = engine.build({"backbones": [{"name": "timm", "model": "test_vit", "model_kwargs": {"img_size": 32},
+                                            "input_size": 32}], "num_classes": 2}).branches[0].backbone
+    assert backbone.num_prefix_tokens == 1
+    assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, 5, 64)  # class token + 2x2 patches
