@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import FusionEngineError
@@ -48,6 +49,166 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _apply_weights_dir(args) -> None:
+    if getattr(args, "weights_dir", None):
+        from .weights_index import ENV_VAR
+
+        os.environ[ENV_VAR] = os.pathsep.join(args.weights_dir)
+
+
+def _encryption_key(args, required: bool = False):
+    from .encryption import load_key
+
+    if getattr(args, "key_file", None) or required:
+        return load_key(args.key_file)
+    return None
+
+
+def cmd_train(args) -> int:
+    """Train a fused model, evaluate it beside its baselines on held-out data, save RUN_DIR."""
+    import torch
+
+    from .config import load_config_file
+    from .data import load_dataset, stratified_split
+    from .defaults import default_config
+    from .features import FeatureCache
+    from .metrics import format_report
+    from .training import TrainConfig, fit
+
+    _apply_weights_dir(args)
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    if args.config:
+        config, note = load_config_file(args.config), f"config {args.config}"
+    else:
+        config, note = default_config(args.fusion or "concat")
+    if args.fusion:
+        config["fusion"] = args.fusion
+    log(f"backbones: {note}")
+    data = load_dataset(args.data)
+    if args.data_test:
+        train_data, test_data = data, load_dataset(args.data_test)
+    else:
+        train_data, test_data = stratified_split(data, args.test_fraction, args.seed)
+    log(f"data: {data.name}: {len(train_data)} training images, {len(test_data)} held-out test images, "
+        f"{len(data.classes)} classes")
+    encryption_key = _encryption_key(args, required=args.encrypt)
+    overrides = {k: v for k, v in {
+        "mode": args.mode, "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+        "backbone_lr": args.backbone_lr, "unfreeze": args.unfreeze, "augment": not args.no_augment,
+        "mixup": args.mixup, "cutmix": args.cutmix, "num_workers": args.workers, "device": args.device,
+        "val_fraction": args.val_fraction}.items() if v is not None}
+    train_config = TrainConfig(**overrides)
+    torch.manual_seed(args.seed)  # random-init branches are reproducible too
+    engine = _engine()
+    model = engine.build(config, class_names=data.classes)
+    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
+    history = fit(model, train_data, config=train_config, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                  progress=not args.quiet, log=log, checkpoint_dir=args.out + ".checkpoint", resume=args.resume)
+    report = model.evaluate(test_data, cache=cache, device=train_config.device if train_config.device != "auto" else "cpu",
+                            progress=not args.quiet)
+    model.extras["metrics"] = {"test": report}
+    out = model.save(args.out, engine=engine, encryption_key=encryption_key, signing_key=args.sign_key)
+    if args.json:
+        print(json.dumps({**_summary(report), "run_dir": str(out), "history": history}, default=str))
+    else:
+        log(f"\nheld-out test results ({len(test_data)} images the model never saw):")
+        log(format_report(report))
+        log(f"extraction {history.get('extract_seconds', 0):.1f} s, head training {history.get('head_seconds', 0):.1f} s; "
+            f"saved to {out}")
+    return 0
+
+
+def _summary(report: dict) -> dict:
+    keys = ("accuracy", "macro_f1", "n", "branches", "baselines", "margins", "per_class", "confusion_matrix")
+    return {k: report[k] for k in keys if k in report}
+
+
+def _load(args):
+    from .artifacts import load
+
+    key = _encryption_key(args)
+    return load(args.run_dir, public_key=args.public_key, encryption_key=key)
+
+
+def cmd_evaluate(args) -> int:
+    """Held-out report of a saved model: fused, each branch, handcrafted baseline, per class."""
+    from .features import FeatureCache
+    from .metrics import format_report
+
+    model = _load(args)
+    report = model.evaluate(args.data, cache=FeatureCache(args.cache_dir, enabled=not args.no_cache),
+                            progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(_summary(report)))
+    else:
+        print(format_report(report))
+    plot = _confusion_png(report, model.class_names, args.confusion_png or f"{args.run_dir.rstrip('/')}.confusion.png")
+    if plot and not args.json:
+        print(f"confusion matrix: {plot}")
+    return 0
+
+
+def _confusion_png(report: dict, class_names, path):
+    """Write the confusion matrix as an image when matplotlib is installed; return the path or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(class_names), 1 + 0.5 * len(class_names)))
+    ax.imshow(report["confusion_matrix"], cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def cmd_predict(args) -> int:
+    """Top-k classes and probabilities per image."""
+    from .prediction import predict_files
+
+    model = _load(args)
+    results = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(r["image"] + ": " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["top"]))
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .signing import generate_keypair
+
+    private, public = generate_keypair(args.out)
+    print(f"private key: {private} (keep it secret)\npublic key: {public}")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from .artifacts import verify
+    from .signing import sign_manifest
+
+    verify(args.run_dir)  # never sign an artifact whose files no longer match its manifest
+    print(f"signed {args.run_dir} with key {sign_manifest(args.run_dir, args.key)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .artifacts import verify
+
+    manifest = verify(args.run_dir, public_key=args.public_key)
+    signed = "signature valid, " if args.public_key else ""
+    print(f"{args.run_dir}: {signed}all {len(manifest.files)} file digests match the manifest")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion-engine", description="Fuse pretrained image backbones into one classifier.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,6 +217,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-v", "--verbose", action="store_true", help="show each component's options")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("train", help="train a fused model and evaluate it beside its baselines")
+    p.add_argument("--config", help="fused-model config (.json or .yaml); default: a sensible fused model")
+    p.add_argument("--data", default="digits", help="image folder, .npz file, or 'digits' (default)")
+    p.add_argument("--data-test", help="held-out test data; default: a stratified split of --data")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when --data-test is absent")
+    p.add_argument("--val-fraction", type=float, help="validation share of the training data (early stopping)")
+    p.add_argument("--out", default="runs/latest", help="RUN_DIR to write (replaced atomically)")
+    p.add_argument("--mode", choices=["frozen", "finetune"], help="frozen (default): cached features; finetune")
+    p.add_argument("--fusion", help="fusion name (overrides the config's)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="head learning rate")
+    p.add_argument("--backbone-lr", type=float, help="backbone learning rate (finetune)")
+    p.add_argument("--unfreeze", type=int, help="finetune only the last N stages (default: all)")
+    p.add_argument("--no-augment", action="store_true", help="finetune without data augmentation")
+    p.add_argument("--mixup", type=float, help="finetune: mixup alpha")
+    p.add_argument("--cutmix", type=float, help="finetune: cutmix alpha")
+    p.add_argument("--resume", action="store_true", help="finetune: continue from RUN_DIR.checkpoint")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--device", help="cpu, cuda, or auto (default)")
+    p.add_argument("--weights-dir", action="append", help="folder with an index.json of local weights (repeatable)")
+    p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/fusion-engine/features)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--encrypt", action="store_true", help="store tensors encrypted (AES-256-GCM)")
+    p.add_argument("--key-file", help="encryption key file (else FUSION_ENGINE_KEY)")
+    p.add_argument("--sign-key", help="Ed25519 private key: sign the saved model")
+    p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (("evaluate", cmd_evaluate, "held-out report of a saved model"),
+                             ("predict", cmd_predict, "classify images with a saved model")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        p.add_argument("--public-key", help="refuse the model unless signed by this Ed25519 public key")
+        p.add_argument("--key-file", help="decryption key file for an encrypted model (else FUSION_ENGINE_KEY)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+        if name == "evaluate":
+            p.add_argument("--data", required=True, help="image folder, .npz file or 'digits'")
+            p.add_argument("--cache-dir")
+            p.add_argument("--no-cache", action="store_true")
+            p.add_argument("--confusion-png", help="where to write the confusion matrix (needs matplotlib)")
+            p.add_argument("-q", "--quiet", action="store_true")
+        else:
+            p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+            p.add_argument("--top-k", type=int, default=3)
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--workers", type=int, default=0)
+
+    p = sub.add_parser("keygen", help="create an Ed25519 key pair for signing models")
+    p.add_argument("--out", required=True, help="private key path; the public key is written beside it (.pub)")
+    p.set_defaults(func=cmd_keygen)
+    p = sub.add_parser("sign", help="sign a saved model's manifest")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--key", required=True, help="Ed25519 private key file")
+    p.set_defaults(func=cmd_sign)
+    p = sub.add_parser("verify", help="check a saved model's digests (and signature)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--public-key", help="Ed25519 public key; the signature must verify")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

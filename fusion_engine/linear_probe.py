@@ -39,7 +39,7 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, features) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        x = torch.from_numpy(np.array(features, dtype=np.float32))
         return torch.softmax(self(x), dim=1).numpy()
 
 

@@ -93,3 +93,28 @@ class FusedClassifier(nn.Module):
     def predict(self, images, batch_size: int = 64) -> np.ndarray:
         """Predicted class indices (N,)."""
         return self.predict_proba(images, batch_size=batch_size).argmax(axis=1)
+
+    def fit(self, train, val=None, **options) -> dict:
+        """Train on ``train`` (folder, .npz, arrays, Dataset or "digits"); see ``training.fit``."""
+        from .training import fit
+
+        return fit(self, train, val, **options)
+
+    def evaluate(self, data, **options) -> dict:
+        """Held-out report: fused model, each branch's probe, handcrafted baseline; see ``evaluation.evaluate``."""
+        from .evaluation import evaluate
+
+        return evaluate(self, data, **options)
+
+    def save(self, folder, **options):
+        """Write a pickle-free artifact folder atomically; see ``artifacts.save``."""
+        from .artifacts import save
+
+        return save(self, folder, **options)
+
+    @classmethod
+    def load(cls, folder, **options) -> "FusedClassifier":
+        """Load a saved model after checking its digests (and signature, with ``public_key=``)."""
+        from .artifacts import load
+
+        return load(folder, **options)

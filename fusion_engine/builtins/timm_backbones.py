@@ -87,12 +87,21 @@ def _load_local(model: nn.Module, path: str) -> None:
 class TimmBackbone(nn.Module):
     """A timm model without its classifier; ``forward`` returns ``forward_features``."""
 
-    def __init__(self, model: nn.Module, data_config: dict):
+    def __init__(self, model: nn.Module, data_config: dict, rebuild_options: dict):
         super().__init__()
         self.model = model
         self.data_config = data_config
+        self.rebuild_options = rebuild_options  # the options that rebuild this architecture without weights
         self.feature_dim = int(model.num_features)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters by stage, input to output (timm's coarse grouping), for partial fine-tuning."""
+        from timm.models import group_parameters
+
+        groups = group_parameters(self.model, self.model.group_matcher(coarse=True))
+        named = dict(self.model.named_parameters())
+        return [[named[n] for n in groups[k]] for k in sorted(groups)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
@@ -164,7 +173,10 @@ def timm_backbone(
         if value is not None:
             config[key] = tuple(value) if isinstance(value, list) else value
     data_config = {k: config[k] for k in ("input_size", "mean", "std", "interpolation")}
-    return TimmBackbone(net.eval(), data_config)
+    rebuild = {"model": model, "model_kwargs": model_kwargs, "input_size": list(data_config["input_size"][1:]),
+               "mean": list(data_config["mean"]), "std": list(data_config["std"]),
+               "interpolation": data_config["interpolation"]}
+    return TimmBackbone(net.eval(), data_config, rebuild)
 
 
 @hookimpl

@@ -1,0 +1,219 @@
+"""Saved models (RUN_DIR): ``model.safetensors`` + ``manifest.json`` (+ ``manifest.sig``), never pickle.
+
+The manifest is schema-versioned and validated by pydantic on load. It records the
+rebuildable config, class names, preprocessing, plugins and versions, metrics and
+history, and the sha256 of every file; loading re-hashes every file, refuses any
+change, missing, unlisted or escaping file, checks the signature when a public key is
+given, and decrypts tensors in memory when they were saved encrypted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .atomic import atomic_directory
+from .errors import ArtifactError
+from .safe_files import check_finite, check_folder, load_safetensors, member_path, sha256_file
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+WEIGHT_OPTIONS = ("weights", "pretrained")  # options that fetch weights: never needed to rebuild a saved model
+
+
+class BranchRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    feature_dim: int
+    data_config: dict[str, Any]
+
+
+class ComponentRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    name: str
+    plugin: str
+    version: str | None = None
+
+
+class Manifest(BaseModel):
+    """Everything needed to rebuild and trust a saved fused model."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["fusion-engine-model"] = "fusion-engine-model"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    config: dict[str, Any]
+    class_names: list[str]
+    branches: list[BranchRecord]
+    components: list[ComponentRecord]
+    handcrafted_kinds: list[str] | None = None
+    encrypted: bool = False
+    files: dict[str, str]
+    metrics: dict[str, Any] = {}
+    history: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    created: str = ""
+
+
+def rebuild_config(model) -> dict:
+    """The model's config with options that fetch weights removed (tensors come from the artifact)."""
+    config = model.config.model_dump()
+    for spec, branch in zip(config["backbones"], model.branches):
+        options = {k: v for k, v in spec["options"].items() if k not in WEIGHT_OPTIONS}
+        options.update(getattr(branch.backbone, "rebuild_options", None) or {})
+        spec["options"] = options
+    return config
+
+
+def _components(model, engine) -> list[ComponentRecord]:
+    used = {("fusion", model.config.fusion.name)}
+    for spec in model.config.backbones:
+        used |= {("backbone", spec.name), ("extractor", spec.extractor.name)}
+    records = []
+    for kind, name in sorted(used):
+        c = engine.registry.get(kind, name) if engine else None
+        records.append(ComponentRecord(kind=kind, name=name, plugin=c.plugin if c else "?", version=c.version if c else None))
+    return records
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    from . import __version__
+
+    return {"fusion_engine": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def state_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors, contiguous and unshared (as safetensors requires)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save(model, folder, *, engine=None, metrics: dict | None = None, encryption_key: bytes | None = None,
+         signing_key=None) -> Path:
+    """Write the model to ``folder`` atomically: the old content stays intact until the new is complete."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from .encryption import encrypt_tensors
+
+    if model.class_names is None:
+        raise ArtifactError("the model has no class names yet; fit it (or build it with class_names) before saving")
+    if engine is None:
+        from .engine import Engine
+
+        engine = Engine.from_plugins()
+    folder = Path(folder)
+    tensors = state_tensors(model)
+    data = encrypt_tensors(tensors, encryption_key, MODEL_FILE) if encryption_key else safetensors_bytes(tensors)
+    baselines = getattr(model, "baselines", None)
+    with atomic_directory(folder) as tmp:
+        (tmp / MODEL_FILE).write_bytes(data)
+        manifest = Manifest(
+            config=rebuild_config(model), class_names=model.class_names,
+            branches=[BranchRecord(name=b.name, feature_dim=b.feature_dim,
+                                   data_config={k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in b.backbone.data_config.items()})
+                      for b in model.branches],
+            components=_components(model, engine),
+            handcrafted_kinds=list(baselines.kinds) if baselines is not None else None,
+            encrypted=bool(encryption_key), files={MODEL_FILE: sha256_file(tmp / MODEL_FILE)},
+            metrics=metrics or model.extras.get("metrics", {}), history=model.extras.get("history", {}),
+            versions=_versions(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(), indent=2, default=str))
+        if signing_key:
+            from .signing import sign_manifest
+
+            sign_manifest(tmp, signing_key)
+    return folder
+
+
+def read_manifest(folder) -> tuple[Manifest, bytes]:
+    """Parse and validate ``folder/manifest.json``; ArtifactError on any problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a saved model folder (it does not exist or is not a folder)")
+    path = member_path(folder, MANIFEST_FILE)
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {MANIFEST_FILE}: not a fusion-engine model folder")
+    raw = path.read_bytes()
+    try:
+        return Manifest.model_validate_json(raw), raw
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()[:5])
+        raise ArtifactError(f"{path} is not a valid fusion-engine manifest (schema {SCHEMA_VERSION}): {problems}") from None
+
+
+def verify(folder, public_key=None) -> Manifest:
+    """Check the signature (when ``public_key`` is given) and every file's digest."""
+    if public_key is not None:
+        from .signing import verify_manifest
+
+        verify_manifest(folder, public_key)
+    manifest, _ = read_manifest(folder)
+    check_folder(folder, manifest.files)
+    return manifest
+
+
+def _check_plugins(manifest: Manifest, engine) -> None:
+    for c in manifest.components:
+        if c.name not in engine.registry.names(c.kind):
+            raise ArtifactError(
+                f"this model needs {c.kind} '{c.name}' from plugin '{c.plugin}'"
+                + (f" (version {c.version})" if c.version else "")
+                + ", which is not installed; install that plugin package (see `fusion-engine list`)")
+
+
+def load(folder, *, engine=None, public_key=None, encryption_key: bytes | None = None):
+    """Rebuild a saved FusedClassifier after checking integrity (and signature, with ``public_key``)."""
+    from .baselines import Baselines
+
+    folder = Path(folder)
+    manifest = verify(folder, public_key)
+    if engine is None:
+        from .engine import Engine
+
+        engine = Engine.from_plugins()
+    _check_plugins(manifest, engine)
+    path = member_path(folder, MODEL_FILE)
+    if manifest.encrypted:
+        from .encryption import decrypt_tensors, load_key
+
+        key = encryption_key or load_key()
+        tensors = decrypt_tensors(path.read_bytes(), key, MODEL_FILE)
+    else:
+        tensors = load_safetensors(path)
+    check_finite(tensors, MODEL_FILE)
+    model = engine.build(manifest.config, class_names=manifest.class_names)
+    if manifest.handcrafted_kinds is not None:
+        model.baselines = Baselines([b.feature_dim for b in model.branches], model.num_classes, manifest.handcrafted_kinds)
+    _load_state(model, tensors)
+    model.extras.update(metrics=manifest.metrics, history=manifest.history, manifest=manifest)
+    return model.eval()
+
+
+def _load_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    wrong = [f"{k}: {tuple(tensors[k].shape)} {tensors[k].dtype} (expected {tuple(v.shape)} {v.dtype})"
+             for k, v in own.items() if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:3]}")
+        if wrong:
+            parts.append(f"wrong shape or dtype: {wrong[:3]}")
+        raise ArtifactError(f"{MODEL_FILE} does not match the manifest's config: " + "; ".join(parts))
+    model.load_state_dict(tensors, strict=True)

@@ -1,0 +1,28 @@
+"""The default fused model of ``fusion-engine train`` when no config is given."""
+
+from __future__ import annotations
+
+from .weights_index import all_entries
+
+HUB_BACKBONES = ["mobilenetv3_large_100", "efficientnet_b0", "resnet18"]
+MAX_DEFAULT_BRANCHES = 3
+
+
+def default_config(fusion: str = "concat") -> tuple[dict, str]:
+    """(config, note): indexed local weights when a weights folder is set, else hub weights when the
+    hub answers, else random initialisation (the note says so plainly)."""
+    local = [name for name, entry in all_entries().items()
+             if str(entry.get("architecture", "")).startswith("timm:")][:MAX_DEFAULT_BRANCHES]
+    if local:
+        backbones = [{"name": "timm", "weights": name} for name in local]
+        return {"backbones": backbones, "fusion": fusion}, f"pretrained backbones from the local weights index: {', '.join(local)}"
+    from .builtins.timm_backbones import _hub_reachable
+
+    if _hub_reachable():
+        backbones = [{"name": "timm", "model": m, "pretrained": True} for m in HUB_BACKBONES]
+        return {"backbones": backbones, "fusion": fusion}, f"pretrained backbones from the hub: {', '.join(HUB_BACKBONES)}"
+    backbones = [{"name": "timm", "model": m} for m in HUB_BACKBONES]
+    return ({"backbones": backbones, "fusion": fusion},
+            "WARNING: no pretrained weights could be had (the hub is unreachable and no --weights-dir / "
+            "FUSION_ENGINE_WEIGHTS_DIR was given), so the backbones are RANDOMLY INITIALISED; expect far lower "
+            "accuracy than pretrained backbones give")

@@ -1,0 +1,169 @@
+"""Fine-tuning: unfreeze all or the last N stages, timm augmentation and mixup/cutmix, separate
+learning rates for backbones and head, gradient clipping, an atomic checkpoint every epoch,
+and ``resume`` that continues exactly where an interrupted run stopped."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_directory
+from .artifacts import state_tensors
+from .data import collate_images
+from .errors import ConfigError
+from .features import input_size_for
+from .progress import Progress
+
+
+def unfreeze(model, last_stages: int | None) -> list[torch.nn.Parameter]:
+    """Make backbone parameters trainable (all, or the last N stages); return them."""
+    params = []
+    for branch in model.branches:
+        branch.frozen = False
+        branch.backbone.requires_grad_(False)
+        groups = branch.backbone.parameter_groups() if hasattr(branch.backbone, "parameter_groups") \
+            else [list(branch.backbone.parameters())]
+        chosen = groups if last_stages is None else groups[-last_stages:]
+        for group in chosen:
+            for p in group:
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Applies timm's training transform (random resized crop, flip, RandAugment) to uint8 images."""
+
+    def __init__(self, dataset, size: tuple[int, int]):
+        from timm.data import create_transform
+
+        self.dataset = dataset
+        self.transform = create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                          scale=(0.35, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        from torchvision.transforms.functional import to_pil_image
+
+        image, label = self.dataset[index]
+        image = to_pil_image(image.expand(3, -1, -1) if image.shape[0] == 1 else image)
+        return (self.transform(image) * 255).round().to(torch.uint8), label
+
+
+def _loader(dataset, model, config, epoch: int | None, shuffle: bool):
+    generator = torch.Generator().manual_seed(config.seed * 1000 + (epoch or 0))
+    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
+                                       num_workers=config.num_workers, drop_last=shuffle and len(dataset) > config.batch_size,
+                                       collate_fn=functools.partial(collate_images, size=input_size_for(model)))
+
+
+@torch.no_grad()
+def accuracy(model, dataset, config, device) -> float:
+    model.eval()
+    correct = 0
+    for images, labels in _loader(dataset, model, config, None, shuffle=False):
+        correct += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
+    return correct / max(len(dataset), 1)
+
+
+def _save_checkpoint(folder, model, optimizer, scheduler, state: dict, best_state) -> None:
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
+               if isinstance(v, torch.Tensor)}
+    with atomic_directory(folder) as tmp:
+        save_file(state_tensors(model), tmp / "model.safetensors")
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in best_state.items()}, tmp / "best.safetensors")
+        save_file(tensors or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"],
+                                                    "scheduler": scheduler.state_dict()}))
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
+    state = json.loads((folder / "state.json").read_text())
+    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    flat = load_file(folder / "optimizer.safetensors")
+    opt_state: dict = {}
+    for key, value in flat.items():
+        if key == "_empty":
+            continue
+        index, name = key.split(".", 1)
+        opt_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state, load_file(folder / "best.safetensors")
+
+
+def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=True, checkpoint_dir=None,
+             resume: bool = False) -> dict:
+    """Train backbones and fusion end to end; returns the history (per-epoch loss, validation accuracy)."""
+    from .training import seed_everything
+
+    if getattr(model.fusion, "requires_fit", False):
+        raise ConfigError(f"fusion '{model.config.fusion.name}' is fitted, not trained by gradient; "
+                          "use --mode frozen with it, or another fusion for finetune")
+    backbone_params = unfreeze(model, config.unfreeze)
+    backbone_ids = {id(p) for p in backbone_params}
+    head_params = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
+    optimizer = torch.optim.AdamW([{"params": backbone_params, "lr": config.backbone_lr},
+                                   {"params": head_params, "lr": config.lr}], weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    mixup = None
+    if config.mixup > 0 or config.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                      num_classes=model.num_classes)
+    train_data = Augmented(train_ds, input_size_for(model)) if config.augment else train_ds
+    model.to(device)
+    state = {"epoch": 0, "best": -1.0, "stale": 0, "epochs": []}
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    if resume:
+        if folder is None or not (folder / "state.json").is_file():
+            raise ConfigError(f"--resume: no checkpoint at {folder}; start without --resume")
+        state, best_state = _load_checkpoint(folder, model, optimizer, scheduler)
+        log(f"resuming after epoch {state['epoch']} from {folder}")
+    while state["epoch"] < config.epochs and state["stale"] < config.patience:
+        epoch = state["epoch"]
+        seed_everything(config.seed * 1000 + epoch)
+        model.train()
+        total, seen = 0.0, 0
+        bar = Progress(len(train_data), f"epoch {epoch + 1}/{config.epochs}", progress)
+        for images, labels in _loader(train_data, model, config, epoch, shuffle=True):
+            images, labels = images.to(device), labels.to(device)
+            if mixup is not None and len(images) % 2 == 0:
+                images, targets = mixup(images, labels)
+                loss = torch.sum(-targets * F.log_softmax(model(images), dim=1), dim=1).mean()
+            else:
+                loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+            optimizer.step()
+            total += float(loss.detach()) * len(images)
+            seen += len(images)
+            bar.update(len(images))
+        scheduler.step()
+        val_acc = accuracy(model, val_ds, config, device)
+        state["epochs"].append({"epoch": epoch + 1, "loss": round(total / max(seen, 1), 5), "val_accuracy": round(val_acc, 5)})
+        if val_acc > state["best"]:
+            state["best"], state["stale"] = val_acc, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            state["stale"] += 1
+        state["epoch"] = epoch + 1
+        log(f"epoch {epoch + 1}: loss {state['epochs'][-1]['loss']:.4f}, validation accuracy {val_acc:.4f}")
+        if folder is not None:
+            _save_checkpoint(folder, model, optimizer, scheduler, state, best_state)
+    model.load_state_dict(best_state)
+    model.eval()
+    return {"epochs": state["epochs"], "best_val_accuracy": state["best"]}
