@@ -10,6 +10,7 @@ given, and decrypts tensors in memory when they were saved encrypted.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -20,8 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from .atomic import atomic_directory
-from .errors import ArtifactError
-from .safe_files import check_finite, check_folder, load_safetensors, member_path, sha256_file
+from .errors import ArtifactError, FusionEngineError, WeightsError
+from .safe_files import check_finite, check_folder, member_path, sha256_file
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -45,6 +46,25 @@ class ComponentRecord(BaseModel):
     version: str | None = None
 
 
+class ModuleShape(BaseModel):
+    """A module whose channels were pruned: its class name, int attributes and tensor shapes after pruning."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    attrs: dict[str, int | list[int]] = {}
+    tensors: dict[str, list[int]]
+
+
+class CompressionStep(BaseModel):
+    """One compression applied to the saved model (see ``compress.py``); load() replays the steps in order."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["fp16", "int8", "prune"]
+    quantized: list[str] = []  # int8: names of the nn.Linear modules stored as int8 weights + per-channel scales
+    pruned: dict[str, ModuleShape] = {}  # prune: module name -> its shapes after structured pruning
+    info: dict[str, Any] = {}  # options and measurements; informative only, never used to rebuild
+
+
 class Manifest(BaseModel):
     """Everything needed to rebuild and trust a saved fused model."""
 
@@ -56,7 +76,9 @@ class Manifest(BaseModel):
     branches: list[BranchRecord]
     components: list[ComponentRecord]
     handcrafted_kinds: list[str] | None = None
+    shared_backbones: list[list[int]] = []  # groups of branches that run one backbone module
     encrypted: bool = False
+    compression: list[CompressionStep] = []
     files: dict[str, str]
     metrics: dict[str, Any] = {}
     history: dict[str, Any] = {}
@@ -113,7 +135,13 @@ def save(model, folder, *, engine=None, metrics: dict | None = None, encryption_
 
         engine = Engine.from_plugins()
     folder = Path(folder)
-    tensors = state_tensors(model)
+    steps = model.extras.get("compression") or []
+    if steps:
+        from .compress import pack_tensors
+
+        tensors = pack_tensors(model)
+    else:
+        tensors = state_tensors(model)
     data = encrypt_tensors(tensors, encryption_key, MODEL_FILE) if encryption_key else safetensors_bytes(tensors)
     baselines = getattr(model, "baselines", None)
     with atomic_directory(folder) as tmp:
@@ -126,7 +154,8 @@ def save(model, folder, *, engine=None, metrics: dict | None = None, encryption_
                       for b in model.branches],
             components=_components(model, engine),
             handcrafted_kinds=list(baselines.kinds) if baselines is not None else None,
-            encrypted=bool(encryption_key), files={MODEL_FILE: sha256_file(tmp / MODEL_FILE)},
+            shared_backbones=model.shared_backbone_groups(),
+            encrypted=bool(encryption_key), compression=steps, files={MODEL_FILE: sha256_file(tmp / MODEL_FILE)},
             metrics=metrics or model.extras.get("metrics", {}), history=model.extras.get("history", {}),
             versions=_versions(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(), indent=2, default=str))
@@ -155,11 +184,16 @@ def read_manifest(folder) -> tuple[Manifest, bytes]:
 
 def verify(folder, public_key=None) -> Manifest:
     """Check the signature (when ``public_key`` is given) and every file's digest."""
+    if not Path(folder).is_dir():
+        raise ArtifactError(f"{folder} is not a saved model folder (it does not exist or is not a folder)")
+    member_path(folder, SIGNATURE_FILE)  # a symlinked signature is refused like any other link
     if public_key is not None:
         from .signing import verify_manifest
 
         verify_manifest(folder, public_key)
     manifest, _ = read_manifest(folder)
+    if MODEL_FILE not in manifest.files:
+        raise ArtifactError(f"{MANIFEST_FILE} does not list {MODEL_FILE}; the artifact is incomplete or was edited")
     check_folder(folder, manifest.files)
     return manifest
 
@@ -175,8 +209,6 @@ def _check_plugins(manifest: Manifest, engine) -> None:
 
 def load(folder, *, engine=None, public_key=None, encryption_key: bytes | None = None):
     """Rebuild a saved FusedClassifier after checking integrity (and signature, with ``public_key``)."""
-    from .baselines import Baselines
-
     folder = Path(folder)
     manifest = verify(folder, public_key)
     if engine is None:
@@ -184,25 +216,67 @@ def load(folder, *, engine=None, public_key=None, encryption_key: bytes | None =
 
         engine = Engine.from_plugins()
     _check_plugins(manifest, engine)
-    path = member_path(folder, MODEL_FILE)
+    # Read the bytes once and parse exactly what was hashed: the file cannot be swapped after verification.
+    data = member_path(folder, MODEL_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest.files[MODEL_FILE]:
+        raise ArtifactError(f"{MODEL_FILE!r} was modified: sha256 differs from the one recorded in the manifest")
     if manifest.encrypted:
         from .encryption import decrypt_tensors, load_key
 
         key = encryption_key or load_key()
-        tensors = decrypt_tensors(path.read_bytes(), key, MODEL_FILE)
+        tensors = decrypt_tensors(data, key, MODEL_FILE)
     else:
-        tensors = load_safetensors(path)
+        tensors = _parse_safetensors(data, folder / MODEL_FILE)
+    del data
     check_finite(tensors, MODEL_FILE)
-    model = engine.build(manifest.config, class_names=manifest.class_names)
-    if manifest.handcrafted_kinds is not None:
-        model.baselines = Baselines([b.feature_dim for b in model.branches], model.num_classes, manifest.handcrafted_kinds)
-    _load_state(model, tensors)
+    model = _rebuild(manifest, engine)
+    if manifest.compression:
+        from .compress import restore
+
+        restore(model, tensors, manifest.compression)
+    else:
+        _load_state(model, tensors)
     model.extras.update(metrics=manifest.metrics, history=manifest.history, manifest=manifest)
+    if manifest.compression:
+        model.extras["compression"] = [step.model_dump() for step in manifest.compression]
     return model.eval()
 
 
-def _load_state(model, tensors: dict[str, torch.Tensor]) -> None:
-    own = model.state_dict()
+def _parse_safetensors(data: bytes, path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors_bytes
+
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, OverflowError) as e:
+        raise WeightsError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def _rebuild(manifest: Manifest, engine):
+    """The untrained model of the manifest's config; a config that cannot be built is an ArtifactError."""
+    from .baselines import Baselines
+
+    try:
+        model = engine.build(manifest.config, class_names=manifest.class_names)
+        model.share_backbones(manifest.shared_backbones)
+        if manifest.handcrafted_kinds is not None:
+            model.baselines = Baselines([b.feature_dim for b in model.branches], model.num_classes,
+                                        manifest.handcrafted_kinds)
+    except FusionEngineError as e:
+        raise ArtifactError(f"cannot rebuild the model described by {MANIFEST_FILE}: {e}") from None
+    except Exception as e:  # the manifest is untrusted input: whatever a plugin raises on it is reported, not a crash
+        raise ArtifactError(f"cannot rebuild the model described by {MANIFEST_FILE}: {type(e).__name__}: {e}") from None
+    recorded = [(b.name, b.feature_dim) for b in manifest.branches]
+    built = [(b.name, b.feature_dim) for b in model.branches]
+    if recorded != built:
+        raise ArtifactError(f"{MANIFEST_FILE} is inconsistent: its branches {recorded} differ from those its config "
+                            f"builds {built}")
+    return model
+
+
+def _load_state(model, tensors: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+    """Load ``tensors`` strictly; module prefixes in ``skip`` (int8-packed modules) are loaded elsewhere."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)} if skip else model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     wrong = [f"{k}: {tuple(tensors[k].shape)} {tensors[k].dtype} (expected {tuple(v.shape)} {v.dtype})"
@@ -216,4 +290,9 @@ def _load_state(model, tensors: dict[str, torch.Tensor]) -> None:
         if wrong:
             parts.append(f"wrong shape or dtype: {wrong[:3]}")
         raise ArtifactError(f"{MODEL_FILE} does not match the manifest's config: " + "; ".join(parts))
-    model.load_state_dict(tensors, strict=True)
+    if not skip:
+        model.load_state_dict(tensors, strict=True)
+        return
+    with torch.no_grad():  # quantised modules' own loaders expect their packed form: copy the float tensors in place
+        for k, v in own.items():
+            v.copy_(tensors[k])

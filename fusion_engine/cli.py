@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import shutil
 import sys
 
 from .errors import FusionEngineError
@@ -66,6 +68,10 @@ def _encryption_key(args, required: bool = False):
 
 def cmd_train(args) -> int:
     """Train a fused model, evaluate it beside its baselines on held-out data, save RUN_DIR."""
+    if getattr(args, "search", False):
+        from .search import run_search
+
+        return run_search(args)
     import torch
 
     from .config import load_config_file
@@ -75,8 +81,16 @@ def cmd_train(args) -> int:
     from .metrics import format_report
     from .training import TrainConfig, fit
 
+    from . import distributed
+
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
+    distributed.init()
+    worker = distributed.rank()
     _apply_weights_dir(args)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    if worker != 0:
+        log = (lambda *a, **k: None)
     if args.config:
         config, note = load_config_file(args.config), f"config {args.config}"
     else:
@@ -102,12 +116,18 @@ def cmd_train(args) -> int:
     engine = _engine()
     model = engine.build(config, class_names=data.classes)
     cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
+    if distributed.active() and train_config.mode == "frozen":  # the held-out features are sharded too
+        cache.features(model, test_data, batch_size=train_config.batch_size, progress=not args.quiet)
     history = fit(model, train_data, config=train_config, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                  progress=not args.quiet, log=log, checkpoint_dir=args.out + ".checkpoint", resume=args.resume)
+                  progress=not args.quiet and worker == 0, log=log, checkpoint_dir=args.out + ".checkpoint",
+                  resume=args.resume)
+    if worker != 0:
+        return 0
     report = model.evaluate(test_data, cache=cache, device=train_config.device if train_config.device != "auto" else "cpu",
                             progress=not args.quiet)
     model.extras["metrics"] = {"test": report}
     out = model.save(args.out, engine=engine, encryption_key=encryption_key, signing_key=args.sign_key)
+    shutil.rmtree(args.out + ".checkpoint", ignore_errors=True)  # the run finished: its checkpoint is spent
     if args.json:
         print(json.dumps({**_summary(report), "run_dir": str(out), "history": history}, default=str))
     else:
@@ -116,6 +136,19 @@ def cmd_train(args) -> int:
         log(f"extraction {history.get('extract_seconds', 0):.1f} s, head training {history.get('head_seconds', 0):.1f} s; "
             f"saved to {out}")
     return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` minus ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def _summary(report: dict) -> dict:
@@ -173,7 +206,9 @@ def cmd_predict(args) -> int:
     """Top-k classes and probabilities per image."""
     from .prediction import predict_files
 
-    model = _load(args)
+    if args.runtime == "onnx":  # an exported .onnx file, or RUN_DIR exported in memory, run by onnxruntime
+        from .export import predict_onnx_files as predict_files
+    model = args.run_dir if args.runtime == "onnx" and args.run_dir.endswith(".onnx") else _load(args)
     results = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers)
     if args.json:
         print(json.dumps(results))
@@ -209,6 +244,11 @@ def cmd_verify(args) -> int:
     return 0
 
 
+# Commands defined beside their feature: "module:function", the function adds its subparser to ``sub``.
+EXTRA_COMMANDS: tuple[str, ...] = ("fusion_engine.bench:add_parser", "fusion_engine.compress:add_compress_parser",
+                                   "fusion_engine.export:add_export_parser")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion-engine", description="Fuse pretrained image backbones into one classifier.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -238,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=float, help="finetune: cutmix alpha")
     p.add_argument("--resume", action="store_true", help="finetune: continue from RUN_DIR.checkpoint")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--nproc", type=int, default=1, help="run N local workers on torch.distributed (torchrun)")
     p.add_argument("--device", help="cpu, cuda, or auto (default)")
     p.add_argument("--weights-dir", action="append", help="folder with an index.json of local weights (repeatable)")
     p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/fusion-engine/features)")
@@ -247,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign-key", help="Ed25519 private key: sign the saved model")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    from .search import add_search_options
+
+    add_search_options(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("evaluate", cmd_evaluate, "held-out report of a saved model"),
@@ -268,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", type=int, default=3)
             p.add_argument("--batch-size", type=int, default=64)
             p.add_argument("--workers", type=int, default=0)
+            p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                           help="onnx: run with onnxruntime; RUN_DIR may then be a .onnx file from `export`")
 
     p = sub.add_parser("keygen", help="create an Ed25519 key pair for signing models")
     p.add_argument("--out", required=True, help="private key path; the public key is written beside it (.pub)")
@@ -280,12 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--public-key", help="Ed25519 public key; the signature must verify")
     p.set_defaults(func=cmd_verify)
+    for entry in EXTRA_COMMANDS:
+        module, _, function = entry.partition(":")
+        getattr(importlib.import_module(module), function)(sub)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except FusionEngineError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from .config import FusedModelConfig, parse_config
@@ -92,10 +94,16 @@ class Engine:
             raise ConfigError("num_classes is missing: give it in the config or to build(..., num_classes=N)")
         if class_names is not None and len(class_names) != config.num_classes:
             raise ConfigError(f"{len(class_names)} class names for num_classes={config.num_classes}")
-        branches = []
+        branches, built = [], {}
         for i, (spec, name) in enumerate(zip(config.backbones, config.branch_names())):
             where = f"backbones[{i}]"
-            backbone = self._create("backbone", spec.name, where, **spec.options)
+            shared_key = _shared_weights_key(spec)
+            if shared_key in built:
+                backbone = built[shared_key]  # same backbone, same weights: one module, run once per input
+            else:
+                backbone = self._create("backbone", spec.name, where, **spec.options)
+                if shared_key is not None:
+                    built[shared_key] = backbone
             for attr in ("data_config", "forward"):
                 if not hasattr(backbone, attr):
                     raise PluginError(f"{where}: backbone '{spec.name}' (plugin "
@@ -106,6 +114,14 @@ class Engine:
         in_dims = measure_feature_dims(model)
         model.fusion = self._create("fusion", config.fusion.name, "fusion", in_dims, config.num_classes, **config.fusion.options)
         return model
+
+
+def _shared_weights_key(spec) -> str | None:
+    """Branches with this same key may share one backbone: frozen, and weights fixed by the options
+    (a file or pretrained weights), so two builds would give identical modules."""
+    if not spec.freeze or not (spec.options.get("weights") or spec.options.get("pretrained")):
+        return None
+    return json.dumps([spec.name, spec.options], sort_keys=True, default=str)
 
 
 @torch.no_grad()

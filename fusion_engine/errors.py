@@ -23,3 +23,7 @@ class ArtifactError(FusionEngineError):
 
 class WeightsError(FusionEngineError):
     """Pretrained weights cannot be found, downloaded or read safely."""
+
+
+class ExportError(FusionEngineError):
+    """A model cannot be exported, or the exported model does not reproduce the original."""

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .data import collate_images
+from .errors import DataError
 from .progress import Progress
 
 CACHE_VERSION = "features-v1"
@@ -54,6 +56,8 @@ def branch_key(model, index: int, data_digest: str) -> str:
         "weights": tensors_digest(branch),
         "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in branch.backbone.data_config.items()},
         "data": data_digest,
+        # images are batched at the largest branch input size, so it shapes every branch's input too
+        "loader_input_size": list(input_size_for(model)),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -99,17 +103,17 @@ class FeatureCache:
             return out
         start = time.perf_counter()
         tmp_paths = []
-        if self.enabled:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for i in missing:
-                fd, name = tempfile.mkstemp(prefix=f".{keys[i]}.", suffix=".npy.tmp", dir=self.directory)
-                os.close(fd)
-                tmp_paths.append(Path(name))
-            buffers = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=shapes[i])
-                       for p, i in zip(tmp_paths, missing)]
-        else:
-            buffers = [np.empty(shapes[i], dtype=np.float32) for i in missing]
-        try:
+        try:  # from the first temporary file on: whatever fails, no .tmp file stays behind
+            if self.enabled:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                for i in missing:
+                    fd, name = tempfile.mkstemp(prefix=f".{keys[i]}.", suffix=".npy.tmp", dir=self.directory)
+                    os.close(fd)
+                    tmp_paths.append(Path(name))
+                buffers = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=shapes[i])
+                           for p, i in zip(tmp_paths, missing)]
+            else:
+                buffers = [np.empty(shapes[i], dtype=np.float32) for i in missing]
             fill(missing, buffers)
             for j, i in enumerate(missing):
                 if self.enabled:
@@ -136,19 +140,67 @@ class FeatureCache:
             loader = make_loader(dataset, model, batch_size, num_workers)
             run_branches(model, loader, indices, buffers, device, Progress(len(dataset), "extracting features", progress))
 
-        return self.arrays(keys, shapes, fill)
+        if not distributed.active():
+            return self.arrays(keys, shapes, fill)
+        sharded = self._extract_sharded(model, dataset, keys, shapes, batch_size, num_workers, device, progress)
+        arrays = self.arrays(keys, shapes, fill)  # all present now
+        self.stats["hits"] -= sharded
+        self.stats["extracted"] += sharded
+        return arrays
+
+    def _extract_sharded(self, model, dataset, keys, shapes, batch_size, num_workers, device, progress) -> int:
+        """Collective: each rank extracts its slice of the images (each image exactly once) into a
+        shard file; rank 0 joins the shards into the same cache entries a single process writes."""
+        if not self.enabled:
+            raise DataError("distributed extraction writes its shards through the feature cache; drop --no-cache")
+        missing = [i for i, key in enumerate(keys) if not self.path(key).is_file()]
+        distributed.barrier()  # every rank has decided what is missing before anything is written
+        if not missing:
+            return 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        me, world = distributed.rank(), distributed.world_size()
+        part = distributed.shard(len(dataset))
+
+        def shard_file(i: int, r: int) -> Path:
+            return self.directory / f".{keys[i]}.shard{r}of{world}.npy"
+        buffers = [np.lib.format.open_memmap(shard_file(i, me), mode="w+", dtype=np.float32,
+                                             shape=(len(part), shapes[i][1])) for i in missing]
+        start = time.perf_counter()
+        loader = make_loader(dataset.subset(list(part)), model, batch_size, num_workers)
+        run_branches(model, loader, missing, buffers, device,
+                     Progress(len(part), f"extracting features (rank {me}/{world})", progress and me == 0))
+        for buffer in buffers:
+            buffer.flush()
+        del buffers
+        distributed.barrier()
+        if me == 0:
+            for i in missing:
+                fd, name = tempfile.mkstemp(prefix=f".{keys[i]}.", suffix=".npy.tmp", dir=self.directory)
+                os.close(fd)
+                joined = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shapes[i])
+                for r in range(world):
+                    rows = distributed.shard(len(dataset), r)
+                    source = np.load(shard_file(i, r), mmap_mode="r")
+                    for offset in range(0, len(rows), 4096):
+                        end = min(offset + 4096, len(rows))
+                        joined[rows.start + offset:rows.start + end] = source[offset:end]
+                joined.flush()
+                os.replace(name, self.path(keys[i]))
+                for r in range(world):
+                    shard_file(i, r).unlink(missing_ok=True)
+        distributed.barrier()
+        self.stats["extract_seconds"] += time.perf_counter() - start
+        return len(missing)
 
 
 @torch.inference_mode()
 def run_branches(model, loader, indices, outputs, device, progress) -> None:
     """Fill ``outputs[j]`` with branch ``indices[j]``'s features, batch by batch."""
     model.eval()
-    pre_needed = sorted({model.preprocess_index[i] for i in indices})
     row = 0
     for images, _ in loader:
-        images = images.to(device)
-        inputs = {p: model.preprocessors[p](images) for p in pre_needed}
-        for out, i in zip(outputs, indices):
-            out[row:row + len(images)] = model.branches[i](inputs[model.preprocess_index[i]]).float().cpu().numpy()
+        features = model.branch_features(images.to(device), indices)
+        for out, f in zip(outputs, features):
+            out[row:row + len(images)] = f.float().cpu().numpy()
         row += len(images)
         progress.update(len(images))

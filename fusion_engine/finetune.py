@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .atomic import atomic_directory
 from .artifacts import state_tensors
 from .data import collate_images
@@ -44,7 +45,7 @@ class Augmented(torch.utils.data.Dataset):
         from timm.data import create_transform
 
         self.dataset = dataset
-        self.transform = create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+        self.transform = create_transform(size, is_training=True, auto_augment="rand-m9-mstd0.5",
                                           scale=(0.35, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
     def __len__(self):
@@ -59,19 +60,29 @@ class Augmented(torch.utils.data.Dataset):
 
 
 def _loader(dataset, model, config, epoch: int | None, shuffle: bool):
+    """Seeded per epoch (so a resumed run sees the same batches); a DistributedSampler in DDP runs."""
     generator = torch.Generator().manual_seed(config.seed * 1000 + (epoch or 0))
-    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=config.num_workers, drop_last=shuffle and len(dataset) > config.batch_size,
+    drop_last = shuffle and len(dataset) > config.batch_size * distributed.world_size()
+    sampler = None
+    if shuffle and distributed.active():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=config.seed, drop_last=drop_last)
+        sampler.set_epoch(epoch or 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, generator=generator, num_workers=config.num_workers,
+                                       drop_last=drop_last,
                                        collate_fn=functools.partial(collate_images, size=input_size_for(model)))
 
 
 @torch.no_grad()
 def accuracy(model, dataset, config, device) -> float:
+    """Validation accuracy; in a distributed run each rank scores its slice and the counts are summed."""
     model.eval()
+    part = dataset.subset(list(distributed.shard(len(dataset)))) if distributed.active() else dataset
     correct = 0
-    for images, labels in _loader(dataset, model, config, None, shuffle=False):
+    for images, labels in _loader(part, model, config, None, shuffle=False):
         correct += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
-    return correct / max(len(dataset), 1)
+    correct, total = distributed.all_sum([correct, len(part)])
+    return correct / max(total, 1)
 
 
 def _save_checkpoint(folder, model, optimizer, scheduler, state: dict, best_state) -> None:
@@ -123,6 +134,10 @@ def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=Tru
                       num_classes=model.num_classes)
     train_data = Augmented(train_ds, input_size_for(model)) if config.augment else train_ds
     model.to(device)
+    trainer = model
+    if distributed.active():  # gradients averaged across ranks
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index or 0] if device.type == "cuda" else None)
     state = {"epoch": 0, "best": -1.0, "stale": 0, "epochs": []}
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     folder = Path(checkpoint_dir) if checkpoint_dir else None
@@ -134,16 +149,17 @@ def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=Tru
     while state["epoch"] < config.epochs and state["stale"] < config.patience:
         epoch = state["epoch"]
         seed_everything(config.seed * 1000 + epoch)
-        model.train()
+        trainer.train()
         total, seen = 0.0, 0
-        bar = Progress(len(train_data), f"epoch {epoch + 1}/{config.epochs}", progress)
+        bar = Progress(len(train_data) // distributed.world_size(), f"epoch {epoch + 1}/{config.epochs}",
+                       progress and distributed.rank() == 0)
         for images, labels in _loader(train_data, model, config, epoch, shuffle=True):
             images, labels = images.to(device), labels.to(device)
             if mixup is not None and len(images) % 2 == 0:
                 images, targets = mixup(images, labels)
-                loss = torch.sum(-targets * F.log_softmax(model(images), dim=1), dim=1).mean()
+                loss = torch.sum(-targets * F.log_softmax(trainer(images), dim=1), dim=1).mean()
             else:
-                loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+                loss = F.cross_entropy(trainer(images), labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -161,9 +177,12 @@ def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=Tru
         else:
             state["stale"] += 1
         state["epoch"] = epoch + 1
-        log(f"epoch {epoch + 1}: loss {state['epochs'][-1]['loss']:.4f}, validation accuracy {val_acc:.4f}")
-        if folder is not None:
-            _save_checkpoint(folder, model, optimizer, scheduler, state, best_state)
+        if distributed.rank() == 0:
+            log(f"epoch {epoch + 1}: loss {state['epochs'][-1]['loss']:.4f}, validation accuracy {val_acc:.4f}")
+            if folder is not None:  # only rank 0 writes; the others wait until the checkpoint is complete
+                _save_checkpoint(folder, model, optimizer, scheduler, state, best_state)
+        distributed.barrier()
     model.load_state_dict(best_state)
+    distributed.broadcast_state(model)  # every rank continues with rank 0's exact weights
     model.eval()
     return {"epochs": state["epochs"], "best_val_accuracy": state["best"]}

@@ -27,6 +27,12 @@ class Branch(nn.Module):
         out = self.backbone.forward_stages(x) if self.uses_stages else self.backbone(x)
         return self.extractor(out)
 
+    def extract(self, backbone_output) -> torch.Tensor:
+        """Features from a backbone output computed elsewhere (stage list or final features)."""
+        if isinstance(backbone_output, list) and not self.uses_stages:
+            backbone_output = backbone_output[-1]
+        return self.extractor(backbone_output)
+
 
 class FusedClassifier(nn.Module):
     """Several backbones fused into one classifier that takes plain images.
@@ -60,6 +66,19 @@ class FusedClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def shared_backbone_groups(self) -> list[list[int]]:
+        """Groups (of two or more) of branch indices that share one backbone module."""
+        groups: dict[int, list[int]] = {}
+        for i, branch in enumerate(self.branches):
+            groups.setdefault(id(branch.backbone), []).append(i)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def share_backbones(self, groups: list[list[int]]) -> None:
+        """Make each group's branches use its first branch's backbone module."""
+        for group in groups:
+            for i in group[1:]:
+                self.branches[i].backbone = self.branches[group[0]].backbone
+
     def train(self, mode: bool = True):
         """Frozen backbones stay in eval mode (batch-norm statistics untouched)."""
         super().train(mode)
@@ -68,10 +87,30 @@ class FusedClassifier(nn.Module):
                 branch.backbone.eval()
         return self
 
-    def branch_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """One (B, D_i) feature tensor per branch; shared preprocessing runs once."""
-        inputs = [pre(images) for pre in self.preprocessors]
-        return [branch(inputs[i]) for branch, i in zip(self.branches, self.preprocess_index)]
+    def branch_features(self, images: torch.Tensor, indices: list[int] | None = None) -> list[torch.Tensor]:
+        """One (B, D_i) feature tensor per branch (or per branch in ``indices``).
+
+        Work is shared: each distinct preprocessing runs once, and a backbone module used by
+        several branches (same weights) runs once per input.
+        """
+        indices = range(len(self.branches)) if indices is None else indices
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[tuple[int, int], object] = {}
+        needs_stages = {}
+        for i in indices:
+            branch = self.branches[i]
+            key = (id(branch.backbone), self.preprocess_index[i])
+            needs_stages[key] = needs_stages.get(key, False) or branch.uses_stages
+        features = []
+        for i in indices:
+            branch, p = self.branches[i], self.preprocess_index[i]
+            if p not in inputs:
+                inputs[p] = self.preprocessors[p](images)
+            key = (id(branch.backbone), p)
+            if key not in outputs:
+                outputs[key] = branch.backbone.forward_stages(inputs[p]) if needs_stages[key] else branch.backbone(inputs[p])
+            features.append(branch.extract(outputs[key]))
+        return features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.branch_features(images))

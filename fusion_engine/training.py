@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import distributed
 from .baselines import Baselines, handcrafted_for
 from .data import load_dataset, stratified_split
 from .errors import DataError
@@ -57,7 +58,7 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(device)
 
 
@@ -98,9 +99,14 @@ def fit(model, train, val=None, *, config: TrainConfig | None = None, cache_dir=
                                  device=device, progress=progress)
     val_feats = cache.features(model, val_ds, batch_size=config.batch_size, num_workers=config.num_workers,
                                device=device, progress=progress)
+    if distributed.active():  # the collective part is over: rank 0 trains the head and saves alone
+        history["rank"] = distributed.finish()
+        if history["rank"] != 0:
+            return history
     history["extract_seconds"] = round(cache.stats["extract_seconds"], 3)
     history["cache"] = dict(cache.stats)
     head_start = time.perf_counter()
+    seed_everything(config.seed)  # extraction draws random numbers only on a cache miss: same start either way
     if config.mode == "frozen":
         y, y_val = train_ds.targets, val_ds.targets
         if getattr(model.fusion, "requires_fit", False):

@@ -3,7 +3,7 @@
 - ``shared_dir``: the shared folder with real weights (``../shared`` next to the repo, or
   ``$FUSION_ENGINE_SHARED``); tests that use it skip when it is absent.
 - ``register_plugin``: make a plugin visible to every ``Engine.from_plugins()`` for one test,
-  undone afterwards (as datasette's ``pm.register`` / ``pm.unregister`` in a ``try/finally``).
+  undone afterwards; the public fixture of :mod:`fusion_engine.testing`, imported here.
 - ``fake_distribution``: write an installed distribution (``NAME-VERSION.dist-info`` with an
   ``[fusion_engine]`` entry point) plus its module into a folder and put it on ``sys.path``.
 - Every test runs offline (``HF_HUB_OFFLINE=1``), single-threaded, and without the
@@ -27,6 +27,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from fusion_engine.testing import register_plugin  # noqa: E402,F401  (a fixture: tests use it by name)
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_ENV_VARS = ("FUSION_ENGINE_LOAD_PLUGINS", "FUSION_ENGINE_DISABLE_PLUGINS", "FUSION_ENGINE_STRICT_PLUGINS",
@@ -62,37 +64,6 @@ def subprocess_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ENGINE_ENV_VARS and k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     return env
-
-
-@pytest.fixture
-def register_plugin(monkeypatch):
-    """``register_plugin(obj, ...)`` adds plugins to every Engine built during the test.
-
-    Returns an ``undo()`` callable; whatever is still registered is removed at teardown.
-    The plugins are loaded as plugins given to ``Engine.from_plugins`` (source "given").
-    """
-    from fusion_engine.plugins import PluginLoader
-
-    extra: list = []
-    original = PluginLoader.load_given
-
-    def load_given(self, plugins, disabled):
-        return original(self, [*extra, *plugins], disabled)
-
-    monkeypatch.setattr(PluginLoader, "load_given", load_given)
-
-    def register(*plugins):
-        extra.extend(plugins)
-
-        def undo():
-            for plugin in plugins:
-                if any(p is plugin for p in extra):
-                    extra.remove(plugin)
-
-        return undo
-
-    yield register
-    extra.clear()
 
 
 @pytest.fixture

@@ -1,0 +1,107 @@
+"""``fusion-engine bench``: images/s, per-batch latency p50/p95 and peak memory per runtime, side by side.
+
+Each runtime is measured in its own fresh process, so peak memory is that runtime's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import time
+
+import numpy as np
+import torch
+
+
+def _measure(run_dir: str, runtime: str, batch_size: int, iterations: int, threads: int, data, queue) -> None:
+    torch.set_num_threads(threads)
+    from .artifacts import load
+    from .features import input_size_for
+    from .runtimes import make_runner
+
+    try:
+        model = load(run_dir)
+        height, width = input_size_for(model)
+        images = torch.rand(batch_size, 3, height, width, generator=torch.Generator().manual_seed(0))
+        run = make_runner(model, runtime, example=images)
+        for _ in range(3):
+            run(images)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            run(images)
+            times.append(time.perf_counter() - start)
+        result = {"runtime": runtime, "images_per_second": batch_size * len(times) / sum(times),
+                  "p50_ms": 1000 * float(np.percentile(times, 50)), "p95_ms": 1000 * float(np.percentile(times, 95)),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if data is not None:
+            from .data import load_dataset
+            from .evaluation import align_classes
+            from .features import make_loader
+
+            dataset = align_classes(model, load_dataset(data))
+            correct = sum(int((run(x).argmax(1) == y).sum()) for x, y in make_loader(dataset, model, batch_size))
+            result["accuracy"] = correct / len(dataset)
+        queue.put(result)
+    except Exception as exc:  # reported in the table, the other runtimes still run
+        queue.put({"runtime": runtime, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def benchmark(run_dir, runtimes, *, batch_size: int = 32, iterations: int = 20, threads: int | None = None,
+              data=None) -> list[dict]:
+    """One result dict per runtime, each measured in a fresh spawned process."""
+    threads = threads or torch.get_num_threads()
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for runtime in runtimes:
+        queue = context.Queue()
+        process = context.Process(target=_measure, args=(str(run_dir), runtime, batch_size, iterations, threads,
+                                                         data, queue))
+        process.start()
+        result = queue.get()
+        process.join()
+        results.append(result)
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    lines = [f"{'runtime':<20}{'images/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'peak MB':>10}{'accuracy':>10}"]
+    base = next((r["images_per_second"] for r in results if "images_per_second" in r), None)
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['runtime']:<20}failed: {r['error']}")
+            continue
+        acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
+        speed = f" ({r['images_per_second'] / base:.2f}x)" if base else ""
+        lines.append(f"{r['runtime']:<20}{r['images_per_second']:>10.1f}{r['p50_ms']:>10.1f}{r['p95_ms']:>10.1f}"
+                     f"{r['peak_rss_mb']:>10.0f}{acc:>10}{speed}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    from .runtimes import RUNTIMES
+
+    runtimes = args.runtime or ["eager", "channels_last", "bf16"]
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown runtime {unknown}; valid: {', '.join(RUNTIMES)}")
+    results = benchmark(args.run_dir, runtimes, batch_size=args.batch_size, iterations=args.iterations,
+                        threads=args.threads, data=args.data)
+    print(json.dumps(results) if args.json else format_results(results))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="inference speed and memory of a saved model, per runtime")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--runtime", action="append", help="eager, channels_last, bf16, bf16_channels_last, compile, "
+                                                       "onnx (repeatable; default: eager, channels_last, bf16)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--data", help="also report held-out accuracy per runtime on this data")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,299 @@
+"""``fusion-engine train / evaluate`` end to end on image folders written from digits, with tiny timm
+backbones: the JSON and text reports, the feature cache across runs, fine-tuning checkpoints, and
+every bad-data case as a clean ``error: ...`` with exit code 2 that leaves an existing RUN_DIR and
+the feature cache as they were.
+
+The main run and a few error cases go through a real subprocess (``python -m fusion_engine``);
+the rest call ``cli.main`` in-process, which is the same code without the interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from fusion_engine.cli import main
+
+CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32},
+                        {"name": "timm", "model": "test_efficientnet", "input_size": 32}],
+          "fusion": "concat"}
+BRANCHES = ["timm:test_resnet", "timm:test_efficientnet"]
+NAMES = ["zero", "one", "two", "three"]  # a folder's classes are sorted: one, three, two, zero
+REPORT_KEYS = ("accuracy", "macro_f1", "n", "branches", "baselines")
+
+
+def digits(n: int, offset: int = 0):
+    from sklearn.datasets import load_digits
+
+    d = load_digits(n_class=4)
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)
+    return x[offset:offset + n], d.target[offset:offset + n]
+
+
+def write_folder(root: Path, x, y) -> Path:
+    for i, (image, label) in enumerate(zip(x, y)):
+        (root / NAMES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / NAMES[label] / f"{i:04d}.png")
+    return root
+
+
+def cli_env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_ENGINE_") and k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               FUSION_ENGINE_CACHE_DIR=str(tmp / "default-cache"))
+    return env
+
+
+def run_cli(ws: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, args)], capture_output=True, text=True,
+                          env=cli_env(ws), cwd=ws, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """Workspace: train/ (120 images) and test/ (40) folders of 4 classes, config.json, cache/."""
+    root = tmp_path_factory.mktemp("cli")
+    write_folder(root / "train", *digits(120))
+    write_folder(root / "test", *digits(40, offset=120))
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    return root
+
+
+def train_args(ws: Path, out, *extra) -> list[str]:
+    return ["train", "--config", str(ws / "config.json"), "--data", str(ws / "train"), "--data-test", str(ws / "test"),
+            "--cache-dir", str(ws / "cache"), "--epochs", "3", "-q", "--out", str(out), *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def trained(ws) -> dict:
+    """One ``train --json`` run in a subprocess; its parsed output."""
+    proc = run_cli(ws, *train_args(ws, ws / "run", "--json"))
+    assert proc.returncode == 0, proc.stderr
+    return {"stdout": proc.stdout, "stderr": proc.stderr, "result": json.loads(proc.stdout), "run": ws / "run"}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(*folders: Path) -> list[Path]:
+    """Temporary files or folders (``*.tmp``) anywhere under ``folders``."""
+    return [p for folder in folders if folder.exists() for p in folder.rglob("*.tmp")]
+
+
+# --- the round trip ----------------------------------------------------------------------------
+
+
+def test_train_json_is_one_object_with_fused_branches_and_baselines(trained):
+    assert trained["stdout"].strip().count("\n") == 0  # one JSON object; progress and notes go to stderr
+    result = trained["result"]
+    assert set(REPORT_KEYS) <= set(result)
+    assert result["n"] == 40 and 0 <= result["accuracy"] <= 1 and 0 <= result["macro_f1"] <= 1
+    assert list(result["branches"]) == BRANCHES
+    assert list(result["baselines"]) == ["handcrafted"]
+    assert result["accuracy"] > 0.4  # 4 classes: chance is 0.25
+    assert result["history"]["cache"]["extracted"] == 4 and result["history"]["cache"]["hits"] == 0
+    assert result["run_dir"] == str(trained["run"])
+    assert (trained["run"] / "manifest.json").is_file() and (trained["run"] / "model.safetensors").is_file()
+    assert not Path(str(trained["run"]) + ".checkpoint").exists()
+    assert "Traceback" not in trained["stderr"]
+
+
+def test_evaluate_json_matches_the_training_report(ws, trained):
+    proc = run_cli(ws, "evaluate", trained["run"], "--data", ws / "test", "--cache-dir", ws / "cache", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(REPORT_KEYS) <= set(report)
+    for key in REPORT_KEYS:
+        assert report[key] == trained["result"][key], key
+
+
+def test_second_run_reads_the_feature_cache_and_trains_the_same_model(ws, trained, capsys):
+    assert main(train_args(ws, ws / "run2", "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["history"]["cache"] == {"hits": 4, "extracted": 0, "extract_seconds": 0.0}
+    for key in REPORT_KEYS:
+        assert result[key] == trained["result"][key], key
+    first, second = load_file(trained["run"] / "model.safetensors"), load_file(ws / "run2" / "model.safetensors")
+    assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
+
+
+def test_evaluate_text_table_and_classes_mapped_by_name(ws, trained, capsys, tmp_path):
+    assert main(["evaluate", str(trained["run"]), "--data", str(ws / "test"), "--cache-dir", str(ws / "cache"),
+                 "-q"]) == 0
+    table = capsys.readouterr().out
+    for row in ["fused model", *(f"branch {b} (probe)" for b in BRANCHES), "baseline handcrafted"]:
+        assert row in table
+    assert "per-class accuracy: one=" in table
+
+    # The same test images as an .npz whose classes are in another order than the model's (sorted) ones.
+    x, y = digits(40, offset=120)
+    np.savez(tmp_path / "test.npz", x=x, y=y, classes=np.array(NAMES))
+    assert main(["evaluate", str(trained["run"]), "--data", str(tmp_path / "test.npz"), "--cache-dir",
+                 str(tmp_path / "cache"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in REPORT_KEYS:
+        assert report[key] == trained["result"][key], key
+
+    other = write_folder(tmp_path / "other", x, (y + 1) % 4)
+    shutil.move(other / "zero", other / "seven")
+    assert main(["evaluate", str(trained["run"]), "--data", str(other), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert re.search(r"^error: the data's classes .*seven.* differ from the model's", capsys.readouterr().err)
+
+
+# --- fine-tuning checkpoints -------------------------------------------------------------------
+
+
+def test_finetune_run_checkpoints_each_epoch_and_removes_the_checkpoint(ws, tmp_path, capsys, monkeypatch):
+    import fusion_engine.finetune as finetune
+
+    out = tmp_path / "ft"
+    checkpoint = Path(str(out) + ".checkpoint")
+    seen = []
+    original = finetune._save_checkpoint
+
+    def record(folder, *args):
+        original(folder, *args)
+        seen.append((Path(folder), json.loads((Path(folder) / "state.json").read_text())["epoch"]))
+
+    monkeypatch.setattr(finetune, "_save_checkpoint", record)
+    assert main(train_args(ws, out, "--mode", "finetune", "--epochs", "2", "--batch-size", "32")) == 0
+    assert seen == [(checkpoint, 1), (checkpoint, 2)]
+    assert not checkpoint.exists() and (out / "manifest.json").is_file()
+    text = capsys.readouterr().out
+    assert "epoch 1:" in text and "epoch 2:" in text
+    for row in ["fused model", *(f"branch {b} (probe)" for b in BRANCHES), "baseline handcrafted"]:
+        assert row in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["history"]["mode"] == "finetune" and len(manifest["history"]["epochs"]) == 2
+
+
+def test_resume_without_a_checkpoint_is_a_clean_error(ws, tmp_path):
+    out = tmp_path / "never"
+    proc = run_cli(ws, *train_args(ws, out, "--mode", "finetune", "--epochs", "2", "--resume"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") or "\nerror: " in proc.stderr
+    assert "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+# --- bad data ----------------------------------------------------------------------------------
+
+
+def corrupt_png_data(path: Path) -> None:
+    """Garble a PNG's compressed pixels but keep every chunk CRC valid: the file passes the cheap
+    integrity check when the data is loaded and fails only when the image is decoded."""
+    data, out, pos = path.read_bytes(), bytearray(path.read_bytes()[:8]), 8
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            body = body[:2] + b"\xff" * (len(body) - 2)
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        pos += 12 + length
+    path.write_bytes(bytes(out))
+
+
+def bad_data(kind: str, root: Path) -> Path:
+    x, y = digits(12)
+    if kind.endswith(".npz"):
+        path = root / kind
+        if kind == "length-mismatch.npz":
+            np.savez(path, x=x, y=y[:-1])
+        else:
+            np.savez(path, x=x, y=np.where(y == 3, 4, y), classes=np.array(NAMES))
+        return path
+    folder = write_folder(root / kind, x, y)
+    first = sorted((folder / "two").iterdir())[0]
+    if kind == "unreadable":
+        first.write_text("this is not a PNG")
+    elif kind == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            folder / "two" / "photo.jpg", quality=95)
+        data = (folder / "two" / "photo.jpg").read_bytes()
+        (folder / "two" / "photo.jpg").write_bytes(data[: len(data) // 2])
+    elif kind == "empty-class":
+        (folder / "five").mkdir()
+        (folder / "five" / "README.txt").write_text("no images yet")
+    elif kind == "one-class":
+        for name in ("one", "three", "two"):
+            shutil.rmtree(folder / name)
+    return folder
+
+
+BAD_DATA = {
+    "unreadable": r"image file .*\.png is unreadable or corrupt",
+    "truncated": r"photo\.jpg is unreadable or corrupt.*truncated",
+    "empty-class": r"class folder .*five has no images",
+    "one-class": r"1 class sub-folder.*at least two",
+    "length-mismatch.npz": r"x has 12 images but y has 11 labels",
+    "labels-out-of-range.npz": r"label 4 is out of range; labels must be 0\.\.3",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DATA))
+def test_bad_training_data_is_a_clean_error(kind, ws, tmp_path, capsys):
+    data = bad_data(kind, tmp_path)
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(ws / "config.json"), "--data", str(data), "--cache-dir",
+                 str(tmp_path / "cache"), "--epochs", "1", "-q", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search("^error: .*" + BAD_DATA[kind], err, re.MULTILINE), err
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_bad_test_data_leaves_an_existing_run_dir_untouched(ws, trained, tmp_path):
+    out = tmp_path / "existing"
+    shutil.copytree(trained["run"], out)
+    before = snapshot(out)
+    proc = run_cli(ws, *train_args(ws, out)[:-2], "--data-test", bad_data("truncated", tmp_path), "--out", out)
+    assert proc.returncode == 2
+    assert "error: " in proc.stderr and "photo.jpg" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "truncated"]
+
+
+def test_a_failure_mid_training_leaves_the_run_dir_and_cache_clean(ws, trained, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "existing"
+    shutil.copytree(trained["run"], out)
+    before = snapshot(out)
+    cache = tmp_path / "cache"
+
+    # An image that passes the check at loading time and fails to decode during feature extraction.
+    data = tmp_path / "train"
+    shutil.copytree(ws / "train", data)
+    corrupt_png_data(sorted((data / "two").iterdir())[3])
+    args = ["train", "--config", str(ws / "config.json"), "--data", str(data), "--cache-dir", str(cache),
+            "--epochs", "2", "-q", "--out", str(out)]
+    assert main(args) == 2
+    assert re.search(r"^error: cannot read image file .*two.*\.png", capsys.readouterr().err, re.MULTILINE)
+    assert snapshot(out) == before
+    assert not leftovers(tmp_path) and not list(cache.glob("*.tmp"))
+
+    # Interrupted while the head trains (features already cached): same guarantees.
+    import fusion_engine.training as training
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_head", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(ws / "config.json"), "--data", str(ws / "train"), "--cache-dir", str(cache),
+              "--epochs", "2", "-q", "--out", str(out)])
+    assert snapshot(out) == before
+    assert not leftovers(tmp_path) and list(cache.glob("*.npy"))  # complete cache entries only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "existing", "train"]
+

@@ -1,0 +1,266 @@
+"""Automatic selection (``fusion-engine train --search``): CV on cached features, greedy subsets, every fusion.
+
+Backbones here are parameter-free "pixel" backbones from a plugin registered in the test (instant
+features) and, for the CLI round trip, tiny timm models saved as local weights with an index.json.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fusion_engine import Engine, hookimpl
+from fusion_engine.data import ArrayImageDataset, load_dataset, stratified_split
+from fusion_engine.search import (DEFAULT_GRID, SearchConfig, Searcher, load_candidates, rank_agreement, search,
+                                  side_paths)
+
+
+class Pixels(nn.Module):
+    """Grey pixels at ``size`` x ``size`` as features: the whole image, or only its left half."""
+
+    def __init__(self, size: int, region: str):
+        super().__init__()
+        self.region = region
+        self.data_config = {"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
+                            "interpolation": "bilinear"}
+
+    def forward(self, x):
+        grey = x.mean(dim=1)
+        if self.region == "left":
+            grey = grey[:, :, : grey.shape[2] // 2]
+        return grey.flatten(1)
+
+
+def pixels(size: int = 8, region: str = "all"):
+    if region not in ("all", "left"):
+        raise ValueError("region must be 'all' or 'left'")
+    return Pixels(size, region)
+
+
+class MeanOfLinear(nn.Module):
+    """A plugin fusion: one linear head per branch, logits averaged."""
+
+    def __init__(self, in_dims, num_classes, scale: float = 1.0):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(d, num_classes) for d in in_dims)
+        self.scale = scale
+
+    def forward(self, features):
+        return self.scale * torch.stack([h(f) for h, f in zip(self.heads, features)]).mean(0)
+
+
+class Broken(nn.Module):
+    def __init__(self, in_dims, num_classes):
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+
+    def forward(self, features):
+        raise RuntimeError("this fusion always fails")
+
+
+class SearchTestPlugin:
+    __version__ = "0.0.1"
+
+    @hookimpl
+    def register_backbones(self, register):
+        register("pixels", pixels, description="Grey pixels (test backbone)")
+
+    @hookimpl
+    def register_fusions(self, register):
+        register("mean_of_linear", MeanOfLinear, description="Average of per-branch linear heads (test plugin)")
+        register("broken_fusion", Broken, description="Always fails (test plugin)")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits")
+    small, _ = stratified_split(data, len(data) - 600, 0)
+    return stratified_split(small, 150, 0)  # 450 train, 150 test
+
+
+@pytest.fixture
+def engine(register_plugin):
+    register_plugin(SearchTestPlugin())
+    return Engine.from_plugins()
+
+
+FULL = {"name": "pixels", "size": 8, "label": "full"}
+LEFT = {"name": "pixels", "size": 8, "region": "left", "label": "left"}
+QUICK = {"concat": [{}], "stacking": [{}]}
+
+
+class Watched(ArrayImageDataset):
+    """A dataset that fails the test if its images or labels are read before ``allowed["read"]`` is set."""
+
+    def __init__(self, dataset, allowed):
+        super().__init__(dataset.images, dataset.targets, dataset.classes, "poisoned test")
+        object.__setattr__(self, "_allowed", allowed)
+
+    def __getattribute__(self, name):
+        if name in ("images", "targets", "digest") and not object.__getattribute__(self, "_allowed")["read"]:
+            raise AssertionError(f"the test split was read ({name}) before the choice was made")
+        return object.__getattribute__(self, name)
+
+
+def test_selection_never_reads_the_test_split(engine, digits, tmp_path, monkeypatch):
+    train, test = digits
+    # Poison: noise over the right half of every test image. The whole-image backbone wins on the
+    # (clean) training data; on this test set the left-half backbone wins, so a leak would flip the choice.
+    rng = np.random.default_rng(0)
+    images = test.images.clone()
+    images[..., 4:] = torch.from_numpy(rng.integers(0, 256, size=tuple(images[..., 4:].shape), dtype=np.uint8))
+    allowed = {"read": False}
+    poisoned = Watched(ArrayImageDataset(images, test.targets, test.classes), allowed)
+    original_run = Searcher.run
+
+    def run_then_allow(self, *args, **kwargs):
+        outcome = original_run(self, *args, **kwargs)
+        allowed["read"] = True  # the choice is made: from here on the test data may be read
+        return outcome
+
+    monkeypatch.setattr(Searcher, "run", run_then_allow)
+    options = dict(engine=engine, fusions=QUICK, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3,
+                   max_branches=1, epochs=10, baseline=False)
+    clean = search(train, [FULL, LEFT], **options)
+    allowed["read"] = False
+    leaked = search(train, [FULL, LEFT], test=poisoned, **options)
+
+    assert clean.winner["backbones"] == ["full"] == leaked.winner["backbones"]  # the whole image, both times
+    assert clean.winner_config == leaked.winner_config
+    cv = lambda result: {r["candidate"]: r["cv_folds"] for r in result.rows}  # noqa: E731
+    assert cv(clean) == cv(leaked)
+    # the poison works: on the test split another candidate would have won
+    held = {r["candidate"]: r["held_out"] for r in leaked.rows if r["held_out"] is not None}
+    left_best = max(v for k, v in held.items() if "[left]" in k)
+    assert left_best > leaked.winner["held_out"] + 0.1, held
+    assert leaked.ranking is not None and leaked.ranking["agree"] is False  # and the report says so
+
+
+def test_plugin_fusion_is_a_candidate_and_a_failing_one_is_reported(engine, digits, tmp_path):
+    train, _ = digits
+    result = search(train, [FULL], engine=engine, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=2,
+                    epochs=2, max_branches=1, baseline=False)
+    tried = result.fusions["tried"]
+    assert "mean_of_linear" in tried and "broken_fusion" in tried
+    registered = engine.registry.names("fusion")
+    assert {name for name in registered} <= {t.split("(")[0] for t in tried}  # every registered fusion
+    assert {"concat", "concat(hidden=512)", "stacking", "stacking(C=0.1)"} <= set(tried)  # with its grid
+    rows = {r["fusion"]["name"]: r for r in result.leaderboard if r["fusion"]}
+    assert rows["mean_of_linear"]["cv_mean"] is not None and rows["mean_of_linear"]["rank"] >= 1
+    assert "always fails" in rows["broken_fusion"]["error"] and rows["broken_fusion"]["rank"] is None
+    assert result.winner["fusion"]["name"] != "broken_fusion"
+
+
+def test_time_budget_is_respected(engine, digits, tmp_path):
+    train, _ = digits
+    candidates = [{"name": "pixels", "size": s, "label": f"px{s}"} for s in (8, 10, 12, 14, 16, 20)]
+    search(train, candidates, engine=engine, fusions=["concat"], cache_dir=tmp_path / "cache", log=lambda *a: None,
+           folds=2, epochs=1, max_branches=1, baseline=False)  # fills the cache: extraction is outside the budget
+    budget_minutes = 0.03
+    result = search(train, candidates, engine=engine, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3,
+                    epochs=40, patience=40, time_budget=budget_minutes, max_branches=3, baseline=False)
+    timing = result.timing
+    longest_fold = max(s for s, _ in result._searcher.fold_seconds.values())
+    assert timing["budget_exhausted"] and "time budget" in result.stopped
+    assert timing["search_seconds"] <= budget_minutes * 60 + longest_fold + 0.5, timing
+    assert timing["cached_backbones"] == len(candidates)
+    # every single backbone is a row, scored or marked as cut by the budget
+    singles = [r for r in result.leaderboard if r["kind"] == "single" and r["fusion"]["name"] == "concat"
+               and not r["fusion"].get("hidden")]
+    assert len(singles) == len(candidates)
+    assert all(r["cv_mean"] is not None or "time budget" in r["error"] for r in singles)
+
+
+def test_greedy_selection_stops_within_fold_noise(engine, digits, tmp_path):
+    train, _ = digits
+    result = search(train, [FULL, FULL | {"size": 9, "label": "full9"}, LEFT], engine=engine, fusions={"concat": [{}]},
+                    cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3, epochs=15, max_branches=3)
+    kinds = [r["kind"] for r in result.leaderboard]
+    assert kinds.count("baseline") == 1 and kinds.count("single") == 3
+    steps = result.steps
+    assert steps[0]["accepted"] and len(steps) <= 3
+    for step in steps[1:]:
+        assert step["accepted"] == (step["gain"] > step["noise"])
+    if not steps[-1]["accepted"]:
+        assert "fold noise" in result.stopped
+    accepted = [s for s in steps if s["accepted"]]
+    assert len(result.winner["backbones"]) == accepted[-1]["size"]
+    for row in result.leaderboard:
+        assert set(row) >= {"candidate", "cv_mean", "cv_std", "held_out", "feature_width", "images_per_second",
+                            "parameters"}
+    assert "| rank | candidate |" in result.table()
+
+
+def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsys):
+    """`train --search` on an index of local weights; rerunning its RUN_DIR.config.json gives the same model."""
+    import timm
+    from safetensors.torch import save_file
+
+    from fusion_engine import FusedClassifier, cli
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    index = {}
+    for seed, model in enumerate(["test_resnet", "test_efficientnet"]):
+        torch.manual_seed(seed)
+        net = timm.create_model(model, num_classes=0)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights / f"{model}.safetensors")
+        index[f"{model}.seed{seed}"] = {"architecture": f"timm:{model}", "input_size": [3, 32, 32],
+                                        "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                                        "file": f"{model}.safetensors"}
+    index["not_timm.v1"] = {"architecture": "something else", "file": "missing.safetensors"}
+    (weights / "index.json").write_text(json.dumps(index))
+    monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(weights))
+    assert [c["weights"] for c in load_candidates(None)[0]] == list(index)
+    train, test = digits
+    for name, part in (("train", train), ("test", test)):
+        np.savez(tmp_path / f"{name}.npz", x=part.images.numpy(), y=part.targets, classes=np.array(part.classes))
+    (tmp_path / "cands.json").write_text(json.dumps({"fusions": {"concat": [{}], "stacking": [{}, {"C": 0.1}]}}))
+    common = ["--data", str(tmp_path / "train.npz"), "--data-test", str(tmp_path / "test.npz"), "--cache-dir",
+              str(tmp_path / "cache"), "--epochs", "5", "-q", "--json"]
+    run = tmp_path / "searched"
+    assert cli.main(["train", "--search", "--candidates", str(tmp_path / "cands.json"), "--out", str(run),
+                     "--folds", "2", "--max-branches", "2", "--search-epochs", "5", *common]) == 0
+    out = json.loads(capsys.readouterr().out)
+    config_file, board_file = side_paths(run)
+    assert out["config"] == str(config_file) and config_file.is_file() and board_file.is_file()
+    board = out["search"]
+    assert [s["candidate"] for s in board["not_buildable"]] == ["timm:not_timm.v1"]
+    assert any(r["winner"] for r in board["leaderboard"]) and board["winner_config"] == json.loads(config_file.read_text())
+    assert all(r["held_out"] is not None for r in board["leaderboard"] if r["cv_mean"] is not None)
+
+    again = tmp_path / "rerun"
+    assert cli.main(["train", "--config", str(config_file), "--out", str(again), *common]) == 0
+    rerun = json.loads(capsys.readouterr().out)
+    assert rerun["accuracy"] == out["accuracy"]
+    first, second = FusedClassifier.load(run), FusedClassifier.load(again)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first.extras["history"]["search"]["winner"] == board["winner"]  # the leaderboard is in the manifest
+
+
+def test_candidates_file_forms(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps(["timm:resnet18", {"name": "timm", "model": "resnet34"}]))
+    specs, fusions = load_candidates(tmp_path / "list.json")
+    assert len(specs) == 2 and fusions is None
+    specs, fusions = load_candidates({"backbones": ["hog"], "fusions": ["concat", {"name": "gated", "dim": 64}]})
+    assert specs == ["hog"] and fusions == {"concat": DEFAULT_GRID["concat"], "gated": [{"dim": 64}]}
+    with pytest.raises(Exception, match="unknown key"):
+        load_candidates({"backbone": []})
+    with pytest.raises(Exception, match="no candidate backbones"):
+        load_candidates(None)  # no weights folder configured
+    with pytest.raises(Exception):
+        SearchConfig(folds=1)
+
+
+def test_rank_agreement_reports_disagreement():
+    rows = [{"candidate": c, "cv_mean": cv, "held_out": h} for c, cv, h in
+            [("a", 0.9, 0.80), ("b", 0.89, 0.90), ("c", 0.5, 0.5)]]
+    verdict = rank_agreement(rows, n_test=2000)
+    assert verdict["agree"] is False and "a (" in verdict["discordant"][0] and "NOT" in verdict["statement"]
+    rows[1]["held_out"] = 0.805  # swapped, but within held-out noise
+    assert rank_agreement(rows, n_test=2000)["agree"] is True

@@ -1,0 +1,282 @@
+"""fit() end to end on tiny timm backbones and a digits subset: frozen mode on cached features, the
+feature cache (hits, invalidation, no partial files), stacking, early stopping, determinism,
+save/load, class mapping in evaluate, and an interrupted fine-tuning run resumed exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusion_engine import ConfigError, DataError, Engine, FusedClassifier
+from fusion_engine.data import load_dataset
+from fusion_engine.features import FeatureCache
+from fusion_engine.training import TrainConfig, prepare_data
+
+RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32}
+EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32}
+CLASSES = ["zero", "one", "two", "three"]
+QUIET = {"progress": False, "log": lambda *args, **kwargs: None}
+
+
+def digits(n: int, offset: int = 0):
+    """``n`` images (uint8, 8x8) and labels of scikit-learn's digits 0-3, from ``offset`` on."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits(n_class=4)
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)
+    return x[offset:offset + n], d.target[offset:offset + n]
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    return load_dataset(digits(200), classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def test_arrays():
+    return digits(80, offset=200)
+
+
+@pytest.fixture
+def engine():
+    return Engine.from_plugins()
+
+
+def build(engine, seed: int = 0, fusion="concat", backbones=(RESNET, EFFNET)) -> FusedClassifier:
+    torch.manual_seed(seed)
+    return engine.build({"backbones": list(backbones), "fusion": fusion}, class_names=CLASSES)
+
+
+def tensors(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+# --- frozen mode and the feature cache ---------------------------------------------------------
+
+
+def test_frozen_fit_trains_only_the_head_and_a_second_run_reads_the_cache(engine, train_data, tmp_path):
+    model = build(engine)
+    backbones_before = tensors(model.branches)
+    head_before = tensors(model.fusion)
+    history = model.fit(train_data, cache_dir=tmp_path, epochs=3, baselines=False, **QUIET)
+    assert history["mode"] == "frozen" and len(history["epochs"]) == 3
+    assert (history["n_train"], history["n_val"]) == (170, 30)
+    assert history["cache"]["extracted"] == 4 and history["cache"]["hits"] == 0  # 2 branches x (train, val)
+    assert len(list(tmp_path.glob("*.npy"))) == 4
+    assert_same_tensors(tensors(model.branches), backbones_before)  # frozen backbones never change
+    assert any(not torch.equal(head_before[k], v) for k, v in tensors(model.fusion).items())
+
+    # The same model again: every feature comes from the cache; the backbones are never run.
+    again = build(engine)
+    for branch in again.branches:
+        branch.backbone.forward = branch.backbone.forward_stages = _must_not_run
+    history2 = again.fit(train_data, cache_dir=tmp_path, epochs=3, baselines=False, **QUIET)
+    assert history2["cache"] == {"hits": 4, "extracted": 0, "extract_seconds": 0.0}
+    assert history2["epochs"] == history["epochs"]
+    assert_same_tensors(tensors(again.fusion), tensors(model.fusion))
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a backbone ran although every feature was cached")
+
+
+def extract(model, data, cache_dir) -> dict:
+    cache = FeatureCache(cache_dir)
+    cache.features(model, data, progress=False)
+    return {k: cache.stats[k] for k in ("hits", "extracted")}
+
+
+def test_cache_is_invalidated_by_weights_preprocessing_and_data(engine, train_data, tmp_path):
+    cache = tmp_path / "cache"
+    assert extract(build(engine), train_data, cache) == {"hits": 0, "extracted": 2}
+    assert extract(build(engine), train_data, cache) == {"hits": 2, "extracted": 0}
+    # different random seed -> different weights in both branches
+    assert extract(build(engine, seed=1), train_data, cache) == {"hits": 0, "extracted": 2}
+    # preprocessing of the first branch only (the largest input size, 32, stays the same)
+    assert extract(build(engine, backbones=({**RESNET, "input_size": 24}, EFFNET)), train_data, cache) == \
+        {"hits": 1, "extracted": 1}
+    assert extract(build(engine, backbones=({**RESNET, "mean": [0.4] * 3, "std": [0.3] * 3}, EFFNET)), train_data,
+                   cache) == {"hits": 1, "extracted": 1}
+    # data: one pixel of one image
+    x, y = digits(200)
+    x = x.copy()
+    x[7, 3, 3] ^= 0xFF
+    assert extract(build(engine), load_dataset((x, y), classes=CLASSES), cache) == {"hits": 0, "extracted": 2}
+
+
+def test_cache_is_invalidated_when_a_local_weights_file_changes(engine, train_data, tmp_path):
+    weights = tmp_path / "resnet.safetensors"
+    source = build(engine).branches[0].backbone.model
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
+    local = ({**RESNET, "weights": str(weights)}, EFFNET)
+    assert extract(build(engine, backbones=local), train_data, tmp_path / "cache") == {"hits": 0, "extracted": 2}
+    assert extract(build(engine, backbones=local), train_data, tmp_path / "cache") == {"hits": 2, "extracted": 0}
+    # same path, other tensors: only the branch with the changed file is extracted again
+    save_file({k: (v * 1.01 if v.is_floating_point() else v).contiguous() for k, v in source.state_dict().items()},
+              weights)
+    assert extract(build(engine, backbones=local), train_data, tmp_path / "cache") == {"hits": 1, "extracted": 1}
+
+
+def test_cached_features_equal_fresh_ones_when_another_branch_changes_size(engine, train_data, tmp_path):
+    """Images are batched at the largest branch input size, so a branch's features depend on it too:
+    the cache must not hand the 48-pixel model's features to the 64-pixel model."""
+    small = build(engine, backbones=(RESNET, {**EFFNET, "input_size": 48}))
+    large = build(engine, backbones=(RESNET, {**EFFNET, "input_size": 64}))
+    FeatureCache(tmp_path).features(small, train_data, progress=False)
+    cached = FeatureCache(tmp_path).features(large, train_data, progress=False)
+    fresh = FeatureCache(enabled=False).features(large, train_data, progress=False)
+    for c, f in zip(cached, fresh):
+        np.testing.assert_array_equal(np.asarray(c), f)
+
+
+def test_interrupted_extraction_leaves_no_partial_cache_file(engine, train_data, tmp_path, monkeypatch):
+    import fusion_engine.features as features
+
+    model = build(engine)
+
+    def half_then_interrupt(model, loader, indices, outputs, device, progress):
+        for out in outputs:
+            out[: len(out) // 2] = 1.0
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "run_branches", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path).features(model, train_data, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+    # The disk fills while the second temporary array is created: the first one is removed too.
+    made = []
+    original = np.lib.format.open_memmap
+
+    def full_disk(*args, **kwargs):
+        if made:
+            raise OSError(28, "No space left on device")
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        FeatureCache(tmp_path).features(model, train_data, progress=False)
+    assert made and list(tmp_path.iterdir()) == []
+
+
+# --- stacking, early stopping, determinism -----------------------------------------------------
+
+
+def test_stacking_is_fitted_without_gradient_epochs(engine, train_data, tmp_path):
+    model = build(engine, fusion="stacking")
+    history = model.fit(train_data, cache_dir=tmp_path, baselines=False, **QUIET)
+    assert history["epochs"] == []
+    assert bool(model.fusion.fitted)
+    assert history["val_accuracy"] > 0.6  # 4 classes: chance is 0.25
+
+
+def test_early_stopping_stops_when_validation_stops_improving(engine, train_data, tmp_path):
+    # A learning rate so small that validation accuracy never changes after the first epoch.
+    model = build(engine)
+    history = model.fit(train_data, cache_dir=tmp_path, epochs=40, patience=2, lr=1e-9, baselines=False, **QUIET)
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+    # With a useful learning rate it runs to the end and keeps the best validation epoch.
+    model = build(engine)
+    history = model.fit(train_data, cache_dir=tmp_path, epochs=6, patience=50, baselines=False, **QUIET)
+    assert len(history["epochs"]) == 6
+    assert history["val_accuracy"] == pytest.approx(max(e["val_accuracy"] for e in history["epochs"]), abs=1e-5)
+
+
+def test_same_seed_same_predictions_and_another_seed_another_split(engine, train_data, test_arrays, tmp_path):
+    x_test, _ = test_arrays
+    probs = []
+    for _ in range(2):
+        model = build(engine)
+        model.fit(train_data, cache_dir=tmp_path, epochs=3, baselines=False, **QUIET)
+        probs.append(model.predict_proba(x_test))
+    np.testing.assert_array_equal(probs[0], probs[1])
+
+    def split(seed):
+        return prepare_data(build(engine), train_data, None, TrainConfig(seed=seed))
+
+    (train1, val1), (train1b, val1b), (train2, val2) = split(1), split(1), split(2)
+    assert val1.digest() == val1b.digest() and train1.digest() == train1b.digest()
+    assert val1.digest() != val2.digest() and len(val1) == len(val2) == 30
+    assert np.bincount(val1.targets).min() >= 7 and np.bincount(val2.targets).min() >= 7  # stratified either way
+
+
+# --- save / load, evaluate --------------------------------------------------------------------
+
+
+def test_saved_and_loaded_model_predicts_and_evaluates_identically(engine, train_data, test_arrays, tmp_path):
+    x_test, y_test = test_arrays
+    test = load_dataset((x_test, y_test), classes=CLASSES)
+    model = build(engine)
+    history = model.fit(train_data, cache_dir=tmp_path / "cache", epochs=3, **QUIET)
+    assert set(history["baselines_val_accuracy"]) == {"timm:test_resnet", "timm:test_efficientnet", "handcrafted"}
+    before = model.predict_proba(x_test)
+    report = model.evaluate(test, cache=FeatureCache(tmp_path / "cache"), progress=False)
+    model.save(tmp_path / "run")
+
+    loaded = FusedClassifier.load(tmp_path / "run")
+    assert loaded.class_names == CLASSES
+    np.testing.assert_array_equal(loaded.predict_proba(x_test), before)
+    again = loaded.evaluate(test, cache=FeatureCache(enabled=False), progress=False)
+    for key in ("accuracy", "macro_f1", "n", "branches", "baselines", "confusion_matrix"):
+        assert again[key] == report[key], key
+    assert loaded.extras["history"]["epochs"] == history["epochs"]
+
+
+def test_evaluate_maps_classes_by_name_and_refuses_other_classes(engine, train_data, test_arrays, tmp_path):
+    x_test, y_test = test_arrays
+    model = build(engine)
+    model.fit(train_data, cache_dir=tmp_path, epochs=3, **QUIET)
+    cache = FeatureCache(tmp_path)
+    report = model.evaluate(load_dataset((x_test, y_test), classes=CLASSES), cache=cache, progress=False)
+    # The same images, with the class list in another order and labels numbered by it.
+    reordered = CLASSES[::-1]
+    y_other = np.array([reordered.index(CLASSES[label]) for label in y_test])
+    remapped = model.evaluate(load_dataset((x_test, y_other), classes=reordered), cache=cache, progress=False)
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "branches", "baselines"):
+        assert remapped[key] == report[key], key
+    with pytest.raises(DataError, match=r"classes .*differ from the model's"):
+        model.evaluate(load_dataset((x_test, y_test), classes=["zero", "one", "two", "seven"]), cache=cache,
+                       progress=False)
+
+
+# --- fine-tuning: interrupt and resume ---------------------------------------------------------
+
+
+def test_interrupted_finetune_resumes_to_the_uninterrupted_result(engine, tmp_path, monkeypatch):
+    import fusion_engine.finetune as finetune
+
+    data = load_dataset(digits(96), classes=CLASSES)
+    options = dict(mode="finetune", epochs=2, batch_size=32, baselines=False, cache_dir=tmp_path / "cache", **QUIET)
+
+    reference = build(engine)
+    expected = reference.fit(data, checkpoint_dir=tmp_path / "ck-ref", **options)
+    assert [e["epoch"] for e in expected["epochs"]] == [1, 2]
+
+    original = finetune._save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "_save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build(engine).fit(data, checkpoint_dir=tmp_path / "ck", **options)
+    monkeypatch.setattr(finetune, "_save_checkpoint", original)
+    assert (tmp_path / "ck" / "state.json").is_file()
+
+    resumed = build(engine, seed=123)  # the checkpoint, not the initial weights, decides
+    history = resumed.fit(data, checkpoint_dir=tmp_path / "ck", resume=True, **options)
+    assert history["epochs"] == expected["epochs"]
+    assert_same_tensors(tensors(resumed), tensors(reference))
+
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        build(engine).fit(data, checkpoint_dir=tmp_path / "nothing-here", resume=True, **options)
