@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .handcrafted import handcrafted_features
-from .linear_probe import LinearProbe
+from .linear_probe import MAX_IN_MEMORY, LinearProbe
 
 HANDCRAFTED_KINDS = ("hog", "color")
 C_GRID = (0.1, 1.0, 10.0)
@@ -43,7 +43,14 @@ class Baselines(nn.Module):
 
 
 def fit_tuned(probe: LinearProbe, x, y, x_val, y_val, seed: int = 0) -> float:
-    """Fit ``probe`` with the C from C_GRID that scores best on the validation data."""
+    """Fit ``probe`` with the C from C_GRID that scores best on the validation data.
+
+    Above ``MAX_IN_MEMORY`` feature values the probe is fitted by streaming minibatches (C=1)
+    instead, so memory does not grow with the number of images.
+    """
+    if x.shape[0] * x.shape[1] > MAX_IN_MEMORY:
+        probe.fit_streaming(x, y, seed=seed)
+        return float((probe.predict_proba(x_val).argmax(1) == np.asarray(y_val)).mean())
     best = None
     for C in C_GRID:
         probe.fit(x, y, C=C, seed=seed)

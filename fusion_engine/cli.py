@@ -8,8 +8,9 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
-from .errors import FusionEngineError
+from .errors import ConfigError, FusionEngineError
 
 
 def _engine():
@@ -72,6 +73,11 @@ def cmd_train(args) -> int:
         from .search import run_search
 
         return run_search(args)
+    checkpoint = str(Path(args.out)) + ".checkpoint"  # beside RUN_DIR, never inside it (--out runs/x/)
+    if args.resume and args.mode != "finetune":
+        raise ConfigError("--resume continues an interrupted --mode finetune run; add --mode finetune")
+    if args.resume and not os.path.isfile(os.path.join(checkpoint, "state.json")):  # fail before any work
+        raise ConfigError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
     import torch
 
     from .config import load_config_file
@@ -119,7 +125,7 @@ def cmd_train(args) -> int:
     if distributed.active() and train_config.mode == "frozen":  # the held-out features are sharded too
         cache.features(model, test_data, batch_size=train_config.batch_size, progress=not args.quiet)
     history = fit(model, train_data, config=train_config, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                  progress=not args.quiet and worker == 0, log=log, checkpoint_dir=args.out + ".checkpoint",
+                  progress=not args.quiet and worker == 0, log=log, checkpoint_dir=checkpoint,
                   resume=args.resume)
     if worker != 0:
         return 0
@@ -127,7 +133,7 @@ def cmd_train(args) -> int:
                             progress=not args.quiet)
     model.extras["metrics"] = {"test": report}
     out = model.save(args.out, engine=engine, encryption_key=encryption_key, signing_key=args.sign_key)
-    shutil.rmtree(args.out + ".checkpoint", ignore_errors=True)  # the run finished: its checkpoint is spent
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run finished: its checkpoint is spent
     if args.json:
         print(json.dumps({**_summary(report), "run_dir": str(out), "history": history}, default=str))
     else:

@@ -16,9 +16,10 @@ pruned layers, swaps in the int8 layers), then loads the tensors strictly. Nothi
   graph keeps residual additions, depthwise groups and batch norms consistent) by L2 magnitude;
   channels are really removed, so FLOPs and latency fall. Each branch keeps its output width, so
   the fusion head is untouched. The manifest records every changed layer's attributes and tensor
-  shapes; load rebuilds the layers at those shapes (torch-pruning is not needed to load). A short
-  recovery fine-tune (cross-entropy + distillation from the unpruned model) follows when
-  training data is given. The baselines kept with the model (per-branch probes) no longer match
+  shapes; load rebuilds the layers at those shapes (torch-pruning is not needed to load). With
+  training data, a short recovery follows: the backbones' batch-norm statistics are re-estimated
+  (pruning made them stale), then the whole model is fine-tuned with them fixed, on cross-entropy
+  plus distillation from the unpruned model. The baselines kept with the model (per-branch probes) no longer match
   the pruned features and are dropped.
 
 Methods apply in the order prune -> int8 -> fp16; a model already compressed can take the later
@@ -332,8 +333,11 @@ def _reshape(model, pruned: dict) -> None:
 
 
 def recover(model, teacher, train, *, epochs: int = 1, lr: float = 3e-4, batch_size: int = 32, seed: int = 0,
-            temperature: float = 2.0, device: str = "cpu", log=print, progress: bool = True) -> dict:
-    """Fine-tune the whole model on ``train``: cross-entropy plus distillation from ``teacher``."""
+            temperature: float = 2.0, calibration_batches: int = 50, device: str = "cpu", log=print,
+            progress: bool = True) -> dict:
+    """Recover accuracy after pruning: re-estimate the backbones' batch-norm statistics on up to
+    ``calibration_batches`` batches of ``train``, then fine-tune the whole model for ``epochs`` with
+    those statistics fixed, on cross-entropy plus distillation from ``teacher`` (the unpruned model)."""
     from .data import load_dataset
     from .evaluation import align_classes
     from .features import make_loader
@@ -356,10 +360,15 @@ def recover(model, teacher, train, *, epochs: int = 1, lr: float = 3e-4, batch_s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     model.to(device)
     teacher.to(device)
+    norms = list({id(m): m for b in model.branches for m in b.backbone.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}.values())
     history, start = [], time.perf_counter()
     try:
+        calibrated = _recalibrate(model, norms, loader, calibration_batches, device)
         for epoch in range(epochs):
             model.train()
+            for norm in norms:  # statistics stay as recalibrated: stable with small batches and short runs
+                norm.eval()
             running, seen = 0.0, 0
             bar = Progress(len(dataset), f"recovery epoch {epoch + 1}/{epochs}", progress)
             for images, labels in loader:
@@ -387,7 +396,33 @@ def recover(model, teacher, train, *, epochs: int = 1, lr: float = 3e-4, batch_s
         model.to("cpu").eval()
         teacher.to("cpu")
     return {"epochs": history, "n_train": len(dataset), "lr": lr, "batch_size": batch_size,
-            "seconds": round(time.perf_counter() - start, 1), "loss": "0.5 CE(label smoothing 0.1) + 0.5 T^2 KL, T=2"}
+            "seconds": round(time.perf_counter() - start, 1), "batch_norm_recalibrated_on": calibrated,
+            "loss": "0.5 CE(label smoothing 0.1) + 0.5 T^2 KL, T=2"}
+
+
+@torch.no_grad()
+def _recalibrate(model, norms, loader, batches: int, device) -> int:
+    """Re-estimate the backbones' batch-norm statistics (pruning made them stale); returns images seen."""
+    if not norms or batches <= 0:
+        return 0
+    saved = [(norm.momentum, norm.training) for norm in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+        norm.train()
+    seen = 0
+    try:
+        for i, (images, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model.branch_features(images.to(device))
+            seen += len(images)
+    finally:
+        for norm, (momentum, training) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.train(training)
+    return seen
 
 
 # --- saving and loading -------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 
+MAX_IN_MEMORY = 1 << 23  # feature values; larger problems are fitted by streaming minibatches
+
+
 class LinearProbe(nn.Module):
     """``logits = W @ ((x - mean) / scale) + b``; fit with :meth:`fit`."""
 
@@ -37,10 +40,44 @@ class LinearProbe(nn.Module):
             self.linear.bias.copy_(torch.from_numpy(intercept))
         return self
 
+    def fit_streaming(self, features, y, *, C: float = 1.0, epochs: int = 20, batch_size: int = 1024,
+                      seed: int = 0) -> "LinearProbe":
+        """The same L2-regularised logistic regression, fitted by minibatches read from ``features``
+        (e.g. a memory-mapped array), so memory stays flat however many rows there are."""
+        y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+        n = len(y)
+        total, total_sq = np.zeros(features.shape[1]), np.zeros(features.shape[1])
+        for start in range(0, n, 8192):
+            chunk = np.asarray(features[start:start + 8192], dtype=np.float64)
+            total += chunk.sum(0)
+            total_sq += (chunk ** 2).sum(0)
+        mean = total / n
+        scale = np.sqrt(np.maximum(total_sq / n - mean ** 2, 0))
+        scale[scale < 1e-8] = 1.0
+        with torch.no_grad():
+            self.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+            self.scale.copy_(torch.from_numpy(scale.astype(np.float32)))
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+        optimizer = torch.optim.Adam(self.linear.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(seed)
+        penalty = 1.0 / (2 * C * n)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).numpy()
+            for start in range(0, n, batch_size):
+                idx = np.sort(order[start:start + batch_size])
+                x = torch.from_numpy(np.array(features[idx], dtype=np.float32))
+                loss = torch.nn.functional.cross_entropy(self(x), y[idx]) + penalty * self.linear.weight.pow(2).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return self
+
     @torch.no_grad()
-    def predict_proba(self, features) -> np.ndarray:
-        x = torch.from_numpy(np.array(features, dtype=np.float32))
-        return torch.softmax(self(x), dim=1).numpy()
+    def predict_proba(self, features, batch_size: int = 8192) -> np.ndarray:
+        parts = [torch.softmax(self(torch.from_numpy(np.array(features[i:i + batch_size], dtype=np.float32))), dim=1)
+                 for i in range(0, len(features), batch_size)]
+        return torch.cat(parts).numpy() if parts else np.zeros((0, self.num_classes), dtype=np.float32)
 
 
 def fit_logistic(features, y, num_classes: int, *, C: float = 1.0, max_iter: int = 300, seed: int = 0):

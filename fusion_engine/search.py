@@ -58,6 +58,8 @@ class SearchConfig(BaseModel):
     min_gain: float = Field(default=0.0, ge=0, description="a larger subset must also gain this much CV accuracy")
     fusions: dict[str, list[dict]] | None = Field(
         default=None, description="fusion name -> option sets to try (default: every registered fusion, DEFAULT_GRID)")
+    screen: str | dict | None = Field(default=None, description=(
+        "fusion that scores each single backbone and each possible addition (default: concat)"))
     baseline: bool = Field(default=True, description="handcrafted-features row in the leaderboard")
     held_out: bool = Field(default=True, description="score every row on the test data after the choice")
     throughput_images: int = Field(default=64, ge=1, description="images timed per backbone when features are cached")
@@ -208,6 +210,7 @@ class Searcher:
         self.rows: dict[tuple, dict] = {}
         self.fold_seconds: dict[str, tuple[float, int]] = {}  # fusion label -> (seconds per fold, width)
         self.clock = _Clock(config.time_budget * 60 if config.time_budget else None)
+        self.longest_fold = 0.0
         self.mandatory = True  # the first evaluation always completes: a search must return something
         self.hand_rate: float | None = None
 
@@ -256,6 +259,7 @@ class Searcher:
                                     self.y[held_idx]))
             head_params = sum(p.numel() for p in head.parameters())
             self.fold_seconds[key] = (time.perf_counter() - start, width)
+            self.longest_fold = max(self.longest_fold, self.fold_seconds[key][0])
         return scores, head_params
 
     # -- rows of the leaderboard
@@ -448,6 +452,9 @@ def extract_candidates(engine, specs: list, parts: list, class_names, cache, *, 
         while label in labels:
             label, n = f"{base}#{n}", n + 1
         labels.add(label)
+        if isinstance(spec, dict) and not spec.get("label"):
+            # an explicit label keeps the branch name when the saved model is rebuilt without its weights options
+            spec = {**spec, "label": label}
         try:
             torch.manual_seed(seed)
             model = engine.build({"backbones": [spec], "fusion": "concat"}, class_names=class_names)
@@ -572,41 +579,60 @@ class SearchResult:
     def score_held_out(self, test, *, batch_size: int = 64, num_workers: int = 0, progress: bool = False,
                        log=print) -> None:
         """Score every row on ``test`` (refit on the training data as fit() trains); the choice is already made."""
-        from .baselines import handcrafted_for
-        from .evaluation import logits_from_features
+        from .baselines import fit_tuned, handcrafted_for
         from .linear_probe import LinearProbe
 
         start = time.perf_counter()
-        test_feats = {}
-        needed = sorted({i for r in self.rows if r["cv_mean"] is not None for i in r["subset"]})
-        for i in needed:
-            c = self._candidates[i]
-            c.model.to(self.device)
-            test_feats[i] = np.asarray(self._cache.features(c.model, test, batch_size=batch_size, num_workers=num_workers,
-                                                            device=self.device, progress=progress)[0], dtype=np.float32)
-            c.model.to("cpu")
+        self._test, self._test_feats = test, {}
+        self._test_options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
         searcher = self._searcher
-        n_fit = len(self._parts[0])
-        fit_idx, stop_idx = np.arange(n_fit), np.arange(n_fit, len(searcher.y))
         y_test = np.asarray(test.targets)
         for row in self.rows:
             if row["cv_mean"] is None:
                 continue
             if row["kind"] == "baseline":
-                from .baselines import fit_tuned
-
+                fit_idx, stop_idx = self._fit_split()
                 hand_test = np.asarray(handcrafted_for(test, self._cache), dtype=np.float32)
                 probe = LinearProbe(searcher.hand.shape[1], self.num_classes)
                 fit_tuned(probe, searcher.hand[fit_idx], searcher.y[fit_idx], searcher.hand[stop_idx],
                           searcher.y[stop_idx], self.train_config.seed)
                 row["held_out"] = _accuracy(probe.predict_proba(hand_test), y_test)
-                continue
-            feats = [self._candidates[i].features for i in row["subset"]]
-            head = searcher.fit_head(row["fusion"], feats, fit_idx, stop_idx, self.train_config)
-            row["held_out"] = _accuracy(logits_from_features(head, [test_feats[i] for i in row["subset"]],
-                                                             device=self.device), y_test)
+            else:
+                row["held_out"] = self._held_out(row["subset"], row["fusion"])
         self.timing["report_seconds"] = round(time.perf_counter() - start, 3)
         self.ranking = rank_agreement(self.leaderboard, len(y_test))
+
+    def _fit_split(self):
+        n_fit = len(self._parts[0])
+        return np.arange(n_fit), np.arange(n_fit, len(self._searcher.y))
+
+    def _held_out(self, subset, fusion: dict) -> float:
+        from .evaluation import logits_from_features
+
+        for i in subset:
+            if i not in self._test_feats:
+                c = self._candidates[i]
+                c.model.to(self.device)
+                self._test_feats[i] = np.asarray(self._cache.features(c.model, self._test, device=self.device,
+                                                                      **self._test_options)[0], dtype=np.float32)
+                c.model.to("cpu")
+        fit_idx, stop_idx = self._fit_split()
+        feats = [self._candidates[i].features for i in subset]
+        head = self._searcher.fit_head(fusion, feats, fit_idx, stop_idx, self.train_config)
+        return _accuracy(logits_from_features(head, [self._test_feats[i] for i in subset], device=self.device),
+                         np.asarray(self._test.targets))
+
+    def score_fixed(self, backbones: list[str], fusion) -> float:
+        """Held-out accuracy of a fixed configuration (candidate labels + a fusion), trained as fit() trains it:
+        for comparisons in reports (after :meth:`score_held_out`)."""
+        if getattr(self, "_test", None) is None:
+            raise DataError("score_fixed needs the held-out data: run the search with test=...")
+        by_label = {c.label: i for i, c in enumerate(self._candidates)}
+        missing = [b for b in backbones if b not in by_label]
+        if missing:
+            raise ConfigError(f"not among the searched candidates: {missing}; candidates: {list(by_label)}")
+        fusion = {"name": fusion} if isinstance(fusion, str) else dict(fusion)
+        return self._held_out([by_label[b] for b in backbones], fusion)
 
     def fit(self, train, *, cache_dir=None, use_cache: bool = True, progress: bool = False, log=print, **options):
         """The winner built and trained on the training data exactly as ``fusion-engine train --config
@@ -721,7 +747,12 @@ def search(train, candidates=None, *, test=None, engine=None, config: SearchConf
                 fusion_problems.append({"fusion": fusion_label(name, options), "error": str(exc)})
     if not fusion_list:
         raise ConfigError("no candidate fusion is valid: " + "; ".join(p["error"] for p in fusion_problems))
-    screen = dict(SCREEN_FUSION) if "concat" in engine.registry.names("fusion") else dict(fusion_list[0])
+    if config.screen is not None:
+        screen = {"name": config.screen} if isinstance(config.screen, str) else dict(config.screen)
+        engine.registry.get("fusion", screen["name"]).validate_options(
+            {k: v for k, v in screen.items() if k != "name"}, "screen fusion")
+    else:
+        screen = dict(SCREEN_FUSION) if "concat" in engine.registry.names("fusion") else dict(fusion_list[0])
 
     device = resolve_device(train_config.device)
     train = load_dataset(train)
@@ -753,7 +784,8 @@ def search(train, candidates=None, *, test=None, engine=None, config: SearchConf
     rows = list(searcher.rows.values())
     timing = {"extract_seconds": round(extract_seconds, 3), "search_seconds": round(search_seconds, 3),
               "budget_seconds": config.time_budget * 60 if config.time_budget else None,
-              "budget_exhausted": searcher.clock.exhausted, "evaluations": len(rows),
+              "budget_exhausted": searcher.clock.exhausted, "longest_fold_seconds": round(searcher.longest_fold, 3),
+              "evaluations": sum(r["cv_mean"] is not None for r in rows),
               "baseline_seconds": round(time.perf_counter() - baseline_start, 3) if config.baseline else None,
               "cached_backbones": sum(c.cached for c in cands)}
     result = SearchResult(rows, outcome["winner"], outcome["steps"], outcome["stopped"], skipped,

@@ -14,6 +14,7 @@ import re
 import shutil
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -63,6 +64,18 @@ def base_artifact(tmp_path_factory, engine):
     folder = tmp_path_factory.mktemp("base") / "run"
     save(model, folder, engine=engine)
     return folder
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory):
+    """200 real images (scikit-learn's digits, 20 per class) as an .npz: quick to train and evaluate on."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pick = np.concatenate([np.flatnonzero(d.target == c)[:20] for c in range(10)])
+    path = tmp_path_factory.mktemp("data") / "digits200.npz"
+    np.savez(path, x=np.round(d.images[pick] * (255 / 16)).astype(np.uint8), y=d.target[pick])
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +242,7 @@ def test_signature_by_another_key(run, engine, keys, capsys):
     sign_manifest(run, keys["other_private"])
     with pytest.raises(ArtifactError, match="signed by another key"):
         load(run, engine=engine, public_key=keys["public"])
-    code, out = cli(capsys, "evaluate", run, "--data", "digits", "--public-key", keys["public"])
+    code, out = cli(capsys, "evaluate", run, "--data", "./no-data-needed", "--public-key", keys["public"])
     assert code == 2 and "signed by another key" in out
 
 
@@ -276,7 +289,7 @@ def test_cli_keygen_sign_verify(tmp_path, run, capsys):
 # --- pickles: refused wherever fusion-engine takes a file, payload never runs ---------------------------
 
 
-def test_pickle_as_input_weights(tmp_path, engine, capsys):
+def test_pickle_as_input_weights(tmp_path, engine, capsys, small_digits):
     marker = tmp_path / "pwned"
     for name in ("evil.pt", "evil.bin"):
         write_payload(tmp_path / name, marker)
@@ -290,7 +303,7 @@ def test_pickle_as_input_weights(tmp_path, engine, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32,
                                                  "weights": str(tmp_path / "evil.pt")}]}))
-    code, out = cli(capsys, "train", "--config", config, "--data", "digits", "--out", tmp_path / "out", "-q")
+    code, out = cli(capsys, "train", "--config", config, "--data", small_digits, "--out", tmp_path / "out", "-q")
     assert code == 2 and "refusing to unpickle" in out
     assert not marker.exists()
 
@@ -529,18 +542,30 @@ def test_random_tensor_file_mutations(base_artifact, tmp_path_factory, engine, d
     _load_or_own_error(folder, engine)
 
 
+def _image_files(npz, folder, count: int = 3) -> list:
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    x = np.load(npz)["x"]
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(x[i * 20]).save(paths[-1])
+    return paths
+
+
 # --- encryption at rest ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def encrypted_run(tmp_path_factory):
+def encrypted_run(tmp_path_factory, small_digits):
     """``fusion-engine train --encrypt --key-file`` on digits with a tiny backbone."""
     folder = tmp_path_factory.mktemp("enc")
     key = folder / "key"
     key.write_text(os.urandom(32).hex())
     config = folder / "config.json"
     config.write_text(json.dumps(CONFIG))
-    code = main(["train", "--config", str(config), "--data", "digits", "--epochs", "3", "--out", str(folder / "run"),
+    code = main(["train", "--config", str(config), "--data", str(small_digits), "--epochs", "3", "--out", str(folder / "run"),
                  "--encrypt", "--key-file", str(key), "--cache-dir", str(folder / "cache"), "-q"])
     assert code == 0
     return folder / "run", key
@@ -567,22 +592,22 @@ def test_encrypted_round_trip_and_no_plaintext_on_disk(encrypted_run, engine, tm
     assert torch.equal(load(tmp_path / "again", engine=engine, encryption_key=load_key(key))(x), model(x))
 
 
-def test_encrypted_cli_with_key_file_and_environment(encrypted_run, capsys, monkeypatch):
+def test_encrypted_cli_with_key_file_and_environment(encrypted_run, capsys, monkeypatch, small_digits):
     run, key = encrypted_run
-    code, out = cli(capsys, "evaluate", run, "--data", "digits", "--key-file", key, "--json", "--no-cache")
+    code, out = cli(capsys, "evaluate", run, "--data", small_digits, "--key-file", key, "--json", "--no-cache")
     assert code == 0 and "accuracy" in json.loads(out.strip().splitlines()[-1])
     monkeypatch.setenv("FUSION_ENGINE_KEY", key.read_text().strip())
     code, out = cli(capsys, "verify", run)
     assert code == 0  # digests are checked on the ciphertext: no key needed to verify
-    code, out = cli(capsys, "evaluate", run, "--data", "digits", "--json", "--no-cache")
-    assert code == 0
+    code, out = cli(capsys, "predict", run, "--json", *_image_files(small_digits, run.parent / "images"))
+    assert code == 0 and len(json.loads(out.strip().splitlines()[-1])) == 3
 
 
-def test_encrypted_wrong_key(encrypted_run, engine, tmp_path, capsys):
+def test_encrypted_wrong_key(encrypted_run, engine, tmp_path, capsys, small_digits):
     run, _ = encrypted_run
     wrong = tmp_path / "wrong"
     wrong.write_text(os.urandom(32).hex())
-    code, out = cli(capsys, "evaluate", run, "--data", "digits", "--key-file", wrong)
+    code, out = cli(capsys, "evaluate", run, "--data", small_digits, "--key-file", wrong)
     assert code == 2 and "decryption failed: wrong key or the file was modified" in out
     with pytest.raises(ArtifactError, match="decryption failed: wrong key"):
         load(run, engine=engine, encryption_key=os.urandom(32))

@@ -1,7 +1,8 @@
-"""Every hook is documented in docs/plugins.md and tested (as datasette checks its plugin hooks)."""
+"""docs/plugins.md: every hook is documented and tested (as datasette checks its plugin hooks), and the tutorial runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 import types
@@ -78,3 +79,105 @@ def test_the_example_plugin_works(docs):
     model = engine.build({"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32}],
                           "fusion": {"name": "maxout", "dropout": 0.1}, "num_classes": 3})
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+# --- the tutorial: its code blocks run, in order, in an empty folder ----------------------------------
+#
+# Fenced blocks whose info string has the word "tutorial" (```python tutorial) belong to it:
+#   ```python tutorial                 run (one namespace for all blocks, like a notebook)
+#   ```python tutorial file=PATH       written to PATH (relative to the folder)
+#   ```toml tutorial excerpt=PATH      must appear in PATH as it is at that point
+#   ```text tutorial output            each line must appear in what the previous block printed
+#   ```text tutorial list              each line (but "...") must appear in `fusion-engine list fusion`
+#                                      once the tutorial's package is installed
+# Blocks may be indented (inside list items); the indentation is removed.
+
+TUTORIAL_BLOCK = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w+)[ \t]+tutorial\b(?P<attrs>[^\n]*)\n(?P<body>.*?)"
+                            r"^(?P=indent)```[ \t]*$", flags=re.M | re.S)
+
+
+def tutorial_blocks(text: str) -> list[dict]:
+    blocks = []
+    for m in TUTORIAL_BLOCK.finditer(text):
+        indent = m.group("indent")
+        body = "".join(line[len(indent):] if line.startswith(indent) else line
+                       for line in m.group("body").splitlines(keepends=True))
+        attrs = dict(a.split("=", 1) for a in m.group("attrs").split() if "=" in a)
+        flags = {a for a in m.group("attrs").split() if "=" not in a}
+        blocks.append({"lang": m.group("lang"), "attrs": attrs, "flags": flags, "code": body,
+                       "line": text.count("\n", 0, m.start()) + 1})
+    return blocks
+
+
+def test_the_tutorial_is_marked_for_testing(docs):
+    blocks = tutorial_blocks(docs)
+    run = [b for b in blocks if b["lang"] == "python" and not b["attrs"]]
+    written = [b["attrs"]["file"] for b in blocks if "file" in b["attrs"]]
+    assert len(run) >= 6, "the tutorial's python blocks must be marked ```python tutorial so that they are tested"
+    assert "fusion-engine-geomean/fusion_engine_geomean/fusion.py" in written
+    assert any("list" in b["flags"] for b in blocks) and any("output" in b["flags"] for b in blocks)
+    unmarked = re.findall(r"^[ \t]*```python[ \t]*\n(?:(?!```).)*?Engine\.from_plugins\(\[fusion_engine_geomean",
+                          docs, flags=re.M | re.S)
+    assert not unmarked, "a tutorial python block is not marked 'tutorial'"
+    for heading in ("## Tutorial: a fusion plugin from nothing to `fusion-engine list`", "## Hook reference",
+                    "## Testing a plugin", "## When a plugin breaks"):
+        assert heading in headings(docs)
+    for variable in ("FUSION_ENGINE_LOAD_PLUGINS", "FUSION_ENGINE_DISABLE_PLUGINS", "FUSION_ENGINE_STRICT_PLUGINS"):
+        assert variable in docs.split("## When a plugin breaks", 1)[1]
+
+
+@pytest.mark.slow
+def test_the_tutorial_runs_installs_lists_and_passes_its_tests(docs, tmp_path, monkeypatch, subprocess_env):
+    import contextlib
+    import io
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    namespace: dict = {"__name__": "__tutorial__"}
+    printed, listing = "", []
+    try:
+        for block in tutorial_blocks(docs):
+            where = f"docs/plugins.md:{block['line']} ({block['lang']} tutorial {' '.join(block['flags'])})"
+            if "file" in block["attrs"]:
+                path = tmp_path / block["attrs"]["file"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(block["code"])
+            elif "excerpt" in block["attrs"]:
+                text = (tmp_path / block["attrs"]["excerpt"]).read_text()
+                assert block["code"].strip() in text, f"{where}: not found in {block['attrs']['excerpt']}:\n{text}"
+            elif block["lang"] == "python":
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    exec(compile(block["code"], where, "exec"), namespace)
+                printed = out.getvalue()
+            elif "output" in block["flags"]:
+                for line in block["code"].strip().splitlines():
+                    assert line.strip() in printed, f"{where}: {line.strip()!r} was not printed; got:\n{printed}"
+            elif "list" in block["flags"]:
+                listing += [line.rstrip() for line in block["code"].splitlines() if line.strip() not in ("", "...")]
+    finally:
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - saved_modules:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
+                del sys.modules[name]
+    package = tmp_path / "fusion-engine-geomean"
+    assert listing and package.is_dir()
+    # step 4 for real: install (into a folder, not this environment) and list
+    site = tmp_path / "site"
+    isolation = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation, "--target",
+                             str(site), str(package)], env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = {**subprocess_env, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-m", "fusion_engine", "list", "fusion"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for line in listing:
+        assert line in lines, f"`fusion-engine list fusion` does not show {line!r}:\n{result.stdout}"
+    # step 5: the package's tests (the generated ones and the tutorial's test_listing.py) pass unchanged
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "6 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]

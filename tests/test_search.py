@@ -90,7 +90,7 @@ def engine(register_plugin):
 
 FULL = {"name": "pixels", "size": 8, "label": "full"}
 LEFT = {"name": "pixels", "size": 8, "region": "left", "label": "left"}
-QUICK = {"concat": [{}], "stacking": [{}]}
+QUICK = {"stacking": [{}]}
 
 
 class Watched(ArrayImageDataset):
@@ -123,8 +123,8 @@ def test_selection_never_reads_the_test_split(engine, digits, tmp_path, monkeypa
         return outcome
 
     monkeypatch.setattr(Searcher, "run", run_then_allow)
-    options = dict(engine=engine, fusions=QUICK, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3,
-                   max_branches=1, epochs=10, baseline=False)
+    options = dict(engine=engine, fusions=QUICK, screen="stacking", cache_dir=tmp_path / "cache", folds=3,
+                   max_branches=1, baseline=False, log=lambda *a: None)
     clean = search(train, [FULL, LEFT], **options)
     allowed["read"] = False
     leaked = search(train, [FULL, LEFT], test=poisoned, **options)
@@ -160,36 +160,38 @@ def test_time_budget_is_respected(engine, digits, tmp_path):
     candidates = [{"name": "pixels", "size": s, "label": f"px{s}"} for s in (8, 10, 12, 14, 16, 20)]
     search(train, candidates, engine=engine, fusions=["concat"], cache_dir=tmp_path / "cache", log=lambda *a: None,
            folds=2, epochs=1, max_branches=1, baseline=False)  # fills the cache: extraction is outside the budget
-    budget_minutes = 0.03
+    budget_minutes = 0.05
     result = search(train, candidates, engine=engine, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3,
                     epochs=40, patience=40, time_budget=budget_minutes, max_branches=3, baseline=False)
     timing = result.timing
-    longest_fold = max(s for s, _ in result._searcher.fold_seconds.values())
     assert timing["budget_exhausted"] and "time budget" in result.stopped
-    assert timing["search_seconds"] <= budget_minutes * 60 + longest_fold + 0.5, timing
+    assert timing["evaluations"] >= 2  # it did use the budget
+    # a fold starts only when its estimated end is within the budget; the estimate may miss by one fold
+    assert timing["search_seconds"] <= budget_minutes * 60 + timing["longest_fold_seconds"] + 0.5, timing
     assert timing["cached_backbones"] == len(candidates)
     # every single backbone is a row, scored or marked as cut by the budget
-    singles = [r for r in result.leaderboard if r["kind"] == "single" and r["fusion"]["name"] == "concat"
-               and not r["fusion"].get("hidden")]
+    singles = [r for r in result.leaderboard if r["kind"] == "single" and r["fusion"] == {"name": "concat"}]
     assert len(singles) == len(candidates)
     assert all(r["cv_mean"] is not None or "time budget" in r["error"] for r in singles)
+    assert result.winner["cv_mean"] is not None
 
 
 def test_greedy_selection_stops_within_fold_noise(engine, digits, tmp_path):
     train, _ = digits
-    result = search(train, [FULL, FULL | {"size": 9, "label": "full9"}, LEFT], engine=engine, fusions={"concat": [{}]},
-                    cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3, epochs=15, max_branches=3)
+    result = search(train, [FULL, FULL | {"size": 9, "label": "full9"}, LEFT], engine=engine,
+                    fusions={"stacking": [{}]}, screen="stacking", cache_dir=tmp_path / "cache",
+                    log=lambda *a: None, folds=3, max_branches=3)
     kinds = [r["kind"] for r in result.leaderboard]
     assert kinds.count("baseline") == 1 and kinds.count("single") == 3
     steps = result.steps
-    assert steps[0]["accepted"] and len(steps) <= 3
-    for step in steps[1:]:
-        assert step["accepted"] == (step["gain"] > step["noise"])
-    if not steps[-1]["accepted"]:
-        assert "fold noise" in result.stopped
-    accepted = [s for s in steps if s["accepted"]]
-    assert len(result.winner["backbones"]) == accepted[-1]["size"]
-    for row in result.leaderboard:
+    assert steps[0]["accepted"] and len(steps) == 2
+    # the pair scores higher, but by no more than the noise of the paired fold differences: the single wins
+    assert 0 <= steps[1]["gain"] <= steps[1]["noise"] and not steps[1]["accepted"]
+    assert "fold noise" in result.stopped
+    assert len(result.winner["backbones"]) == 1
+    board = result.leaderboard
+    assert board[0]["kind"] == "baseline" and board[1]["kind"] == "fused" and board[2]["winner"]
+    for row in board:
         assert set(row) >= {"candidate", "cv_mean", "cv_std", "held_out", "feature_width", "images_per_second",
                             "parameters"}
     assert "| rank | candidate |" in result.table()

@@ -277,6 +277,12 @@ class DetachedBranch(Heads):
         return super().forward([features[0], features[1].detach()])
 
 
+class NoGraph(Heads):
+    def forward(self, features):
+        with torch.no_grad():
+            return super().forward(features)
+
+
 class UnusedParameter(Heads):
     def __init__(self, in_dims, num_classes):
         super().__init__(in_dims, num_classes)
@@ -326,6 +332,7 @@ class FitDoesNothing(Heads):
 @pytest.mark.parametrize("factory, message", [
     (WrongClasses, r"gave shape \(4, 4\); expected logits \(batch, num_classes\) = \(4, 3\)"),
     (DetachedBranch, r"no gradient reaches the features of branch\(es\) \[1\]"),
+    (NoGraph, r"its logits carry no gradient in train mode.*requires_fit = True"),
     (UnusedParameter, r"trainable parameters \['unused.weight', 'unused.bias'\] get no gradient"),
     (NoisyFusion, r"two eval-mode forward passes on the same input differ"),
     (lambda in_dims, num_classes: Parameterless(), r"no trainable parameters and does not set requires_fit"),
