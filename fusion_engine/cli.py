@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in {
         "mode": args.mode, "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
         "backbone_lr": args.backbone_lr, "unfreeze": args.unfreeze, "augment": not args.no_augment,
-        "mixup": args.mixup, "cutmix": args.cutmix, "num_workers": args.workers, "device": args.device,
+        "mixup": args.mixup, "cutmix": args.cutmix, "precision": args.precision, "num_workers": args.workers, "device": args.device,
         "val_fraction": args.val_fraction}.items() if v is not None}
     train_config = TrainConfig(**overrides)
     torch.manual_seed(args.seed)  # random-init branches are reproducible too
@@ -252,7 +252,7 @@ def cmd_verify(args) -> int:
 
 # Commands defined beside their feature: "module:function", the function adds its subparser to ``sub``.
 EXTRA_COMMANDS: tuple[str, ...] = ("fusion_engine.bench:add_parser", "fusion_engine.compress:add_compress_parser",
-                                   "fusion_engine.export:add_export_parser")
+                                   "fusion_engine.export:add_export_parser", "fusion_engine.scaffold:add_parser")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfreeze", type=int, help="finetune only the last N stages (default: all)")
     p.add_argument("--no-augment", action="store_true", help="finetune without data augmentation")
     p.add_argument("--mixup", type=float, help="finetune: mixup alpha")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="finetune in bfloat16 autocast (default fp32)")
     p.add_argument("--cutmix", type=float, help="finetune: cutmix alpha")
     p.add_argument("--resume", action="store_true", help="finetune: continue from RUN_DIR.checkpoint")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")

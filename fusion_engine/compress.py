@@ -29,11 +29,13 @@ methods only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,13 +123,24 @@ def quantize_int8(model) -> dict:
     eligible = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in keep_float]
     if not eligible:
         raise ConfigError("int8: this model has no nn.Linear layers that can be quantised")
-    quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in eligible}, dtype=torch.qint8, inplace=True)
+    with _quiet_torch_ao():
+        quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in eligible}, dtype=torch.qint8, inplace=True)
     names = sorted(n for n, m in model.named_modules() if isinstance(m, QLinear))
     step = {"method": "int8", "quantized": names,
             "info": {"scheme": "torch.ao dynamic, qint8 weights, per-channel symmetric", "layers": len(names),
                      "kept_float": sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)}}
     _append(model, step)
     return step
+
+
+@contextlib.contextmanager
+def _quiet_torch_ao():
+    """torch marks torch.ao quantisation deprecated (pytorch/pytorch#184982; successor: torchao). It still works,
+    and the warnings would print on every load of an int8 model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch\.ao\.")
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        yield
 
 
 def _swap_in_quantized(model, names) -> None:
@@ -457,8 +470,9 @@ def restore(model, tensors: dict[str, torch.Tensor], step_list) -> None:
             _reshape(model, _get(step, "pruned"))
             model.baselines = None
     quantized = _quantized(step_list)
-    _swap_in_quantized(model, quantized)
-    _unpack_int8(model, quantized, tensors)
+    with _quiet_torch_ao():
+        _swap_in_quantized(model, quantized)
+        _unpack_int8(model, quantized, tensors)
     if "fp16" in methods:
         own = model.state_dict()
         tensors = {k: v.float() if v.dtype == torch.float16 and k in own and own[k].dtype == torch.float32 else v
@@ -545,15 +559,17 @@ def cmd_compress(args) -> int:
     step_list = compress(source, methods, train=None if args.no_recovery else train, ratio=args.ratio,
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                          round_to=args.round_to, log=log, progress=not args.quiet and not args.json)
-    out = save(source, args.out, encryption_key=key, signing_key=args.sign_key,
-               metrics={**source.extras.get("metrics", {}), "compression": {"source": str(args.run_dir)}})
-    result = {"run_dir": str(out), "methods": [s["method"] for s in step_list],
-              "bytes_before": folder_bytes(args.run_dir), "bytes_after": folder_bytes(out)}
+    result = {"methods": [s["method"] for s in step_list]}
     for s in step_list:
         if s["method"] == "prune":
             result.update({k: s["info"][k] for k in ("macs_before", "macs_after", "params_before", "params_after")})
     if test is not None:
         result.update(held_out=len(test), accuracy_before=acc_before, accuracy_after=accuracy(source, test))
+    # the source's test metrics describe the uncompressed model: kept, but under their own name
+    metrics = {"compression": {"source": str(args.run_dir), **result},
+               "source_metrics": source.extras.get("metrics", {})}
+    out = save(source, args.out, encryption_key=key, signing_key=args.sign_key, metrics=metrics)
+    result = {"run_dir": str(out), **result, "bytes_before": folder_bytes(args.run_dir), "bytes_after": folder_bytes(out)}
     if args.json:
         print(json.dumps(result))
     else:

@@ -25,7 +25,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -311,11 +310,12 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="max abs probability difference allowed")
     p.add_argument("--public-key", help="refuse RUN_DIR unless signed by this Ed25519 public key")
     p.add_argument("--key-file", help="key of an encrypted RUN_DIR (else FUSION_ENGINE_KEY)")
-    p.add_argument("--allow-plaintext", action="store_true", help="export an encrypted model (the ONNX file is not encrypted)")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="export an encrypted model (the ONNX file is not encrypted)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
     return p
 
 
-__all__ = ["export_onnx", "write_onnx", "session_for", "onnx_runner", "parity", "predict_onnx_files", "read_metadata", "input_contract", "add_export_parser",
-           "cmd_export"]
+__all__ = ["export_onnx", "write_onnx", "session_for", "onnx_runner", "parity", "predict_onnx_files", "read_metadata",
+           "input_contract", "add_export_parser", "cmd_export"]

@@ -20,6 +20,7 @@ from .data import collate_images
 from .errors import ConfigError
 from .features import input_size_for
 from .progress import Progress
+from .runtimes import autocast
 
 
 def unfreeze(model, last_stages: int | None) -> list[torch.nn.Parameter]:
@@ -80,7 +81,8 @@ def accuracy(model, dataset, config, device) -> float:
     part = dataset.subset(list(distributed.shard(len(dataset)))) if distributed.active() else dataset
     correct = 0
     for images, labels in _loader(part, model, config, None, shuffle=False):
-        correct += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
+        with autocast(device, config.precision):
+            correct += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
     correct, total = distributed.all_sum([correct, len(part)])
     return correct / max(total, 1)
 
@@ -155,11 +157,12 @@ def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=Tru
                        progress and distributed.rank() == 0)
         for images, labels in _loader(train_data, model, config, epoch, shuffle=True):
             images, labels = images.to(device), labels.to(device)
-            if mixup is not None and len(images) % 2 == 0:
-                images, targets = mixup(images, labels)
-                loss = torch.sum(-targets * F.log_softmax(trainer(images), dim=1), dim=1).mean()
-            else:
-                loss = F.cross_entropy(trainer(images), labels, label_smoothing=config.label_smoothing)
+            with autocast(device, config.precision):
+                if mixup is not None and len(images) % 2 == 0:
+                    images, targets = mixup(images, labels)
+                    loss = torch.sum(-targets * F.log_softmax(trainer(images).float(), dim=1), dim=1).mean()
+                else:
+                    loss = F.cross_entropy(trainer(images).float(), labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:

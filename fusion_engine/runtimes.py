@@ -14,6 +14,15 @@ from .errors import ConfigError
 RUNTIMES = ("eager", "channels_last", "bf16", "bf16_channels_last", "compile", "onnx")
 
 
+def autocast(device, precision: str = "fp32"):
+    """bfloat16 autocast on ``device`` for precision 'bf16', else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ConfigError(f"unknown precision '{precision}'; valid: fp32, bf16")
+    return contextlib.nullcontext()
+
+
 def make_runner(model, runtime: str = "eager", *, example=None):
     """A callable for ``runtime``; ``example`` images are needed by 'onnx' (export) only."""
     if runtime not in RUNTIMES:
@@ -26,14 +35,13 @@ def make_runner(model, runtime: str = "eager", *, example=None):
     memory_format = torch.channels_last if runtime.endswith("channels_last") else torch.contiguous_format
     if memory_format is torch.channels_last:
         model = model.to(memory_format=memory_format)
-    device_type = next(model.parameters()).device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if runtime.startswith("bf16") \
-        else contextlib.nullcontext
+    device = next(model.parameters()).device
+    precision = "bf16" if runtime.startswith("bf16") else "fp32"
     forward = torch.compile(model) if runtime == "compile" else model
 
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
-        with autocast():
+        with autocast(device, precision):
             return forward(images.contiguous(memory_format=memory_format)).float()
 
     return run

@@ -119,6 +119,15 @@ def cmd_new_plugin(args) -> int:
     return 0
 
 
+def add_parser(sub) -> None:
+    p = sub.add_parser("new-plugin", help="write a ready-to-install plugin package skeleton")
+    p.add_argument("name", metavar="NAME", help="plugin name; the package is fusion-engine-NAME")
+    p.add_argument("--kind", choices=["backbone", "extractor", "fusion"], default="fusion",
+                   help="component kind (default: fusion)")
+    p.add_argument("--directory", "-d", default=".", help="where to create fusion-engine-NAME/ (default: .)")
+    p.set_defaults(func=cmd_new_plugin)
+
+
 # --- templates (string.Template: $name placeholders) ----------------------------------------------
 
 _KIND_VALUES = {

@@ -12,7 +12,14 @@
    best row by more than the fold noise (the standard error of the paired per-fold
    differences), else the search stops;
 3. the winner is the best row of the last accepted subset; the held-out data, when given,
-   is read only after that choice, to score every row for the report.
+   is read only after that choice, to score every row for the report (each row refitted on
+   the training data as ``fit()`` would train it).
+
+Each CV fold trains a head as ``fit()`` does (gradient fusions: early stopping on a split of
+the fold's training rows; fitted fusions such as stacking: ``fusion.fit``), with a modest
+epoch count. The time budget covers the selection (not extraction, not the report): a row
+starts only when its estimated time fits in what is left, a fold only when its estimate
+fits, so the selection ends at most one fold past the budget; the first row always runs.
 
 Features are the same arrays ``fit()`` uses: the training data is split (stratified, seeded,
 ``val_fraction``) exactly as ``fit()`` splits it, so training the winner afterwards hits the
@@ -23,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -194,7 +200,8 @@ class Searcher:
         from sklearn.model_selection import StratifiedKFold
 
         self.engine, self.candidates, self.y, self.n_fit = engine, candidates, y, n_fit
-        self.num_classes, self.config, self.train_config, self.device, self.log = num_classes, config, train_config, device, log
+        self.num_classes, self.config, self.train_config = num_classes, config, train_config
+        self.device, self.log = device, log
         self.hand = hand
         folds = min(config.folds, int(np.bincount(y, minlength=num_classes)[np.unique(y)].min()))
         if folds < 2:
@@ -211,6 +218,8 @@ class Searcher:
         self.fold_seconds: dict[str, tuple[float, int]] = {}  # fusion label -> (seconds per fold, width)
         self.clock = _Clock(config.time_budget * 60 if config.time_budget else None)
         self.longest_fold = 0.0
+        self.fold_seconds_by_name: dict[str, tuple[float, int]] = {}
+        self.skipped_for_budget: list[str] = []
         self.mandatory = True  # the first evaluation always completes: a search must return something
         self.hand_rate: float | None = None
 
@@ -249,26 +258,27 @@ class Searcher:
         key = fusion_label(fusion["name"], {k: v for k, v in fusion.items() if k != "name"})
         scores, head_params = [], 0
         for train_idx, held_idx in self.folds:
-            estimate = self._estimate(key, width)
-            if not self.mandatory and not self.clock.allows(estimate):
-                raise BudgetExhausted
+            if not self.mandatory and not self.clock.allows(self._estimate(fusion, width)):
+                raise BudgetExhausted  # the estimate before the row was wrong: drop the row, stop the search
             start = time.perf_counter()
             fit_idx, stop_idx = _inner_split(train_idx, self.y, self.train_config.val_fraction, self.train_config.seed)
             head = self.fit_head(fusion, feats, fit_idx, stop_idx, self.cv_config)
             scores.append(_accuracy(logits_from_features(head, [f[held_idx] for f in feats], device=self.device),
                                     self.y[held_idx]))
             head_params = sum(p.numel() for p in head.parameters())
-            self.fold_seconds[key] = (time.perf_counter() - start, width)
+            self.fold_seconds[key] = self.fold_seconds_by_name[fusion["name"]] = (time.perf_counter() - start, width)
             self.longest_fold = max(self.longest_fold, self.fold_seconds[key][0])
         return scores, head_params
 
     # -- rows of the leaderboard
 
-    def _estimate(self, key: str, width: int) -> float:
-        """Seconds one fold of fusion ``key`` should take at this feature width: its last fold scaled by
-        width; a fusion not yet seen: the mean fold of the others (a first fold may overrun by its length)."""
-        if key in self.fold_seconds:
-            seconds, seen_width = self.fold_seconds[key]
+    def _estimate(self, fusion: dict, width: int) -> float:
+        """Seconds one fold of ``fusion`` should take at this feature width: the last fold of the same
+        settings, else of the same fusion, scaled up by width; else the others' mean per feature; else 0."""
+        key = fusion_label(fusion["name"], {k: v for k, v in fusion.items() if k != "name"})
+        seen = self.fold_seconds.get(key) or self.fold_seconds_by_name.get(fusion["name"])
+        if seen:
+            seconds, seen_width = seen
             return seconds * max(width / max(seen_width, 1), 1.0)
         if self.fold_seconds:
             return float(np.mean([s / max(w, 1) for s, w in self.fold_seconds.values()])) * width
@@ -291,13 +301,20 @@ class Searcher:
     def evaluate(self, subset: tuple[int, ...], fusion: dict, step: int) -> dict:
         """Score ``fusion`` on ``subset`` by CV (once; later calls return the same row).
 
-        Raises BudgetExhausted before a fold that would not finish within the budget (the
-        partly scored row is dropped); the very first evaluation always completes.
+        A row whose estimated time (folds x the estimated fold) does not fit in what is left of the
+        budget is not scored (returned without ``cv_mean``, not kept); if a fold then does not fit
+        after all, BudgetExhausted is raised and the partly scored row dropped. The very first
+        evaluation always completes: a search must return something.
         """
         key = (subset, json.dumps(fusion, sort_keys=True, default=str))
         if key in self.rows:
             return self.rows[key]
         row = self._row(subset, fusion, step)
+        estimate = len(self.folds) * self._estimate(fusion, row["feature_width"])
+        if not self.mandatory and not self.clock.allows(estimate):
+            row["error"] = f"not scored: about {estimate:.0f} s would exceed the time budget"
+            self.skipped_for_budget.append(row["candidate"])
+            return row
         start = time.perf_counter()
         try:
             scores, head_params = self.score_folds(subset, fusion)
@@ -361,7 +378,7 @@ class Searcher:
                 budget_hit = True
             screened = [r for r in screened if r["cv_mean"] is not None]
             if not screened:
-                stopped = "time budget reached" if budget_hit else "no candidate could be scored"
+                stopped = "time budget reached" if budget_hit or self.clock.exhausted else "no candidate could be scored"
                 break
             pick = max(screened, key=lambda r: (r["cv_mean"], -r["parameters"]))
             subset = tuple(pick["subset"])
@@ -385,7 +402,7 @@ class Searcher:
                 step.update(gain=round(gain, 6), noise=round(noise, 6),
                             accepted=bool(gain > max(noise, self.config.min_gain)))
             steps.append(step)
-            if not step["accepted"] and budget_hit:
+            if not step["accepted"] and (budget_hit or self.clock.exhausted):
                 step["complete"] = False
                 stopped = (f"time budget reached while scoring subsets of {size} backbones "
                            f"({step['fusions_scored']} of {len(fusions) + 1} fusion settings scored)")
@@ -397,7 +414,7 @@ class Searcher:
                                                             if self.config.min_gain else "") + ")")
                 break
             best_row, current = best, subset
-            if budget_hit:
+            if budget_hit or self.clock.exhausted:
                 stopped = "time budget reached"
                 break
         if stopped is None:
@@ -465,9 +482,15 @@ def extract_candidates(engine, specs: list, parts: list, class_names, cache, *, 
         before = dict(cache.stats)
         start = time.perf_counter()
         model.to(device)
-        feats = [np.asarray(cache.features(model, part, batch_size=batch_size, num_workers=num_workers,
-                                           device=device, progress=progress)[0], dtype=np.float32)
-                 for part in parts]
+        try:
+            feats = [np.asarray(cache.features(model, part, batch_size=batch_size, num_workers=num_workers,
+                                               device=device, progress=progress)[0], dtype=np.float32)
+                     for part in parts]
+        except (FusionEngineError, RuntimeError, TypeError, ValueError) as exc:
+            model.to("cpu")
+            skipped.append({"candidate": label, "error": f"feature extraction failed: {type(exc).__name__}: {exc}"})
+            log(f"  {label}: feature extraction failed, skipped ({exc})")
+            continue
         seconds = time.perf_counter() - start
         extracted = cache.stats["extracted"] - before["extracted"]
         if extracted:
@@ -786,6 +809,7 @@ def search(train, candidates=None, *, test=None, engine=None, config: SearchConf
               "budget_seconds": config.time_budget * 60 if config.time_budget else None,
               "budget_exhausted": searcher.clock.exhausted, "longest_fold_seconds": round(searcher.longest_fold, 3),
               "evaluations": sum(r["cv_mean"] is not None for r in rows),
+              "skipped_for_budget": len(searcher.skipped_for_budget),
               "baseline_seconds": round(time.perf_counter() - baseline_start, 3) if config.baseline else None,
               "cached_backbones": sum(c.cached for c in cands)}
     result = SearchResult(rows, outcome["winner"], outcome["steps"], outcome["stopped"], skipped,

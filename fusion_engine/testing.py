@@ -16,8 +16,9 @@ Every failure is an ``AssertionError`` whose message says what to fix. The check
 the built (and, for a fitted fusion, fitted) component for further tests of your own.
 
 A test module picks the fixture up by importing it (``from fusion_engine.testing import
-register_plugin``); a ``conftest.py`` may instead say ``pytest_plugins = ["fusion_engine.testing"]``.
-Importing this module is cheap: torch and the engine are imported when a helper is used.
+register_plugin``); a top-level ``conftest.py`` may instead say ``pytest_plugins = ["fusion_engine.testing"]``.
+It is deliberately not a ``pytest11`` entry point: that would import fusion-engine (and torch)
+into every pytest run of an environment where it is installed.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ try:
 except ImportError:  # the checks work without pytest; only the fixtures need it
     pytest = None
 
-if pytest is not None:
+if pytest is None:
+    __all__.remove("register_plugin")
+else:
 
     @pytest.fixture
     def register_plugin():

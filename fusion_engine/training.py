@@ -43,6 +43,7 @@ class TrainConfig(BaseModel):
     unfreeze: int | None = Field(default=None, ge=1, description="finetune: last N stages (None: all)")
     augment: bool = True
     mixup: float = Field(default=0.0, ge=0, description="finetune: mixup alpha (0: off)")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: bfloat16 autocast (finetune)")
     cutmix: float = Field(default=0.0, ge=0, description="finetune: cutmix alpha (0: off)")
     grad_clip: float | None = Field(default=1.0, gt=0)
     num_workers: int = Field(default=0, ge=0)
@@ -167,5 +168,4 @@ def train_head(head, train_feats, y, val_feats, y_val, config: TrainConfig, devi
             if stale >= config.patience:
                 break
     head.load_state_dict(best_state)
-    head.to("cpu")
     return epochs

@@ -26,6 +26,7 @@ def pip_install(packages, target: Path, env: dict) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow  # pip builds three packages, then their tests run in a subprocess: 15-45 s
 def test_every_kind_installs_and_passes_its_own_tests(tmp_path, subprocess_env):
     packages = [new_plugin(name, kind, tmp_path) for kind, name in GENERATED.items()]
     assert [p.name for p in packages] == ["fusion-engine-tinyfuse", "fusion-engine-tiny-net", "fusion-engine-mean_std"]

@@ -188,6 +188,7 @@ def test_fused_with_a_cnn_branch_builds_trains_evaluates_saves(engine, tmp_path)
     assert np.allclose(loaded.predict_proba(x), model.predict_proba(x), atol=1e-6)
 
 
+@pytest.mark.slow  # two CLI subprocesses: train (digits, 3 epochs) and evaluate
 @needs_install
 def test_cli_train_and_evaluate(tmp_path):
     bin_dir = Path(sys.executable).parent
