@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -82,7 +83,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bench-compress")
     parser.add_argument("--ratio", type=float, default=0.3, help="prune: share of channels removed per prunable layer")
     parser.add_argument("--epochs", type=int, default=1, help="recovery fine-tune epochs")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="torch threads for the latency measurement (one column per value)")
+    parser.add_argument("--device", default="cpu", help="where training and the recovery fine-tune run (cpu, cuda)")
     parser.add_argument("--train-threads", type=int, default=2, help="torch threads for training")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
@@ -99,7 +102,7 @@ def main() -> int:
         torch.manual_seed(args.seed)
         model = engine.build(base_config(Path(args.weights)), class_names=data.classes)
         model.fit(train, epochs=30, baselines=False, use_cache=False, progress=False, log=lambda *a, **k: None,
-                  seed=args.seed)
+                  seed=args.seed, device=args.device)
         model.save(base_dir, engine=engine)
     rows = {"base": {"dir": base_dir, "methods": []}}
     for name, (methods, recovery) in VARIANTS.items():
@@ -107,12 +110,11 @@ def main() -> int:
         model = load(base_dir, engine=engine)
         start = time.perf_counter()
         compress(model, methods, train=train if recovery else None, ratio=args.ratio, epochs=args.epochs,
-                 seed=args.seed, log=lambda *a, **k: print(*a, file=sys.stderr), progress=False)
+                 seed=args.seed, device=args.device, log=lambda *a, **k: print(*a, file=sys.stderr), progress=False)
         model.save(folder, engine=engine)
         rows[name] = {"dir": folder, "methods": methods, "compress_seconds": round(time.perf_counter() - start, 1)}
         print(f"{name}: compressed in {rows[name]['compress_seconds']} s", file=sys.stderr)
 
-    torch.set_num_threads(args.threads)
     models = {name: load(row["dir"], engine=engine) for name, row in rows.items()}
     for name, model in models.items():
         row = rows[name]
@@ -127,19 +129,23 @@ def main() -> int:
     ref = next(iter(models.values()))
     size = input_size_for(ref)
     images, _ = collate_images([test[i] for i in range(32)], size=size)
-    speed = latency(models, images, args.rounds)
-    for name in rows:
-        rows[name]["images_per_second"] = round(speed[name], 1)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        speed = latency(models, images, args.rounds)
+        for name in rows:
+            rows[name].setdefault("images_per_second", {})[threads] = round(speed[name], 1)
 
     base = rows["base"]
-    print(f"\n{len(test)} held-out images, batch 32 at {size[0]}x{size[1]}, {args.threads} torch thread(s), "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs\n")
-    print("| model | size on disk | MMACs/image | images/s (batch 32) | held-out top-1 |")
-    print("|---|---|---|---|---|")
+    print(f"\n{len(test)} held-out images; latency: batch 32 at {size[0]}x{size[1]}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n")
+    speed_columns = " | ".join(f"images/s, {t} thread{'s' if t > 1 else ''}" for t in args.threads)
+    print(f"| model | size on disk | MMACs/image | {speed_columns} | held-out top-1 |")
+    print("|---|---|---|" + "---|" * len(args.threads) + "---|")
     for name, row in rows.items():
+        speeds = " | ".join(f"{row['images_per_second'][t]} ({row['images_per_second'][t] / base['images_per_second'][t]:.2f}x)"
+                            for t in args.threads)
         print(f"| {name} | {row['bytes'] / 1e6:.2f} MB ({row['bytes'] / base['bytes']:.2f}x) | {row['mmacs']} | "
-              f"{row['images_per_second']} ({row['images_per_second'] / base['images_per_second']:.2f}x) | "
-              f"{row['accuracy']:.4f} ({100 * (row['accuracy'] - base['accuracy']):+.2f} pt) |")
+              f"{speeds} | {row['accuracy']:.4f} ({100 * (row['accuracy'] - base['accuracy']):+.2f} pt) |")
     (out / "results.json").write_text(json.dumps({k: {**v, "dir": str(v["dir"])} for k, v in rows.items()}, indent=2))
     return 0
 

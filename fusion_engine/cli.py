@@ -97,10 +97,11 @@ def cmd_train(args) -> int:
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     if worker != 0:
         log = (lambda *a, **k: None)
+    engine = _engine()
     if args.config:
         config, note = load_config_file(args.config), f"config {args.config}"
     else:
-        config, note = default_config(args.fusion or "concat")
+        config, note = default_config(args.fusion or "concat", engine=engine)
     if args.fusion:
         config["fusion"] = args.fusion
     log(f"backbones: {note}")
@@ -119,14 +120,13 @@ def cmd_train(args) -> int:
         "val_fraction": args.val_fraction}.items() if v is not None}
     train_config = TrainConfig(**overrides)
     torch.manual_seed(args.seed)  # random-init branches are reproducible too
-    engine = _engine()
     model = engine.build(config, class_names=data.classes)
     cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
     if distributed.active() and train_config.mode == "frozen":  # the held-out features are sharded too
         cache.features(model, test_data, batch_size=train_config.batch_size, progress=not args.quiet)
     history = fit(model, train_data, config=train_config, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   progress=not args.quiet and worker == 0, log=log, checkpoint_dir=checkpoint,
-                  resume=args.resume)
+                  resume=args.resume, encryption_key=encryption_key)
     if worker != 0:
         return 0
     report = model.evaluate(test_data, cache=cache, device=train_config.device if train_config.device != "auto" else "cpu",

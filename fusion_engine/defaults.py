@@ -8,9 +8,18 @@ HUB_BACKBONES = ["mobilenetv3_large_100", "efficientnet_b0", "resnet18"]
 MAX_DEFAULT_BRANCHES = 3
 
 
-def default_config(fusion: str = "concat") -> tuple[dict, str]:
+def default_config(fusion: str = "concat", engine=None) -> tuple[dict, str]:
     """(config, note): indexed local weights when a weights folder is set, else hub weights when the
-    hub answers, else random initialisation (the note says so plainly)."""
+    hub answers, else random initialisation (the note says so plainly). When the handcrafted plugin
+    is installed, a HOG + colour-histogram branch joins the CNNs (classic and deep features fused)."""
+    config, note = _cnn_config(fusion)
+    if engine is not None and "handcrafted" in engine.registry.names("backbone"):
+        config["backbones"].append({"name": "handcrafted"})
+        note += "; plus a handcrafted (HOG + colour histogram) branch"
+    return config, note
+
+
+def _cnn_config(fusion: str) -> tuple[dict, str]:
     local = [name for name, entry in all_entries().items()
              if str(entry.get("architecture", "")).startswith("timm:")][:MAX_DEFAULT_BRANCHES]
     if local:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .atomic import atomic_directory
@@ -87,35 +86,57 @@ def accuracy(model, dataset, config, device) -> float:
     return correct / max(total, 1)
 
 
-def _save_checkpoint(folder, model, optimizer, scheduler, state: dict, best_state) -> None:
+def _write_tensors(path: Path, tensors: dict, key: bytes | None) -> None:
+    """safetensors, encrypted (AES-256-GCM) when the run has an encryption key."""
+    from safetensors.torch import save
+
+    from .encryption import encrypt_tensors
+
+    data = encrypt_tensors(tensors, key, path.name) if key else save(tensors)
+    path.write_bytes(data)
+
+
+def _read_tensors(path: Path, key: bytes | None) -> dict:
+    from .encryption import decrypt_tensors, is_encrypted
+    from .safe_files import load_safetensors
+
+    data = path.read_bytes()
+    if is_encrypted(data):
+        if key is None:
+            raise ConfigError(f"checkpoint {path} is encrypted: pass the run's --key-file (or FUSION_ENGINE_KEY)")
+        return decrypt_tensors(data, key, path.name)
+    return load_safetensors(path)
+
+
+def _save_checkpoint(folder, model, optimizer, scheduler, state: dict, best_state, key: bytes | None = None) -> None:
     opt = optimizer.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
                if isinstance(v, torch.Tensor)}
     with atomic_directory(folder) as tmp:
-        save_file(state_tensors(model), tmp / "model.safetensors")
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in best_state.items()}, tmp / "best.safetensors")
-        save_file(tensors or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
+        _write_tensors(tmp / "model.safetensors", state_tensors(model), key)
+        _write_tensors(tmp / "best.safetensors", {k: v.detach().cpu().contiguous().clone()
+                                                  for k, v in best_state.items()}, key)
+        _write_tensors(tmp / "optimizer.safetensors", tensors or {"_empty": torch.zeros(0)}, key)
         (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"],
                                                     "scheduler": scheduler.state_dict()}))
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, key: bytes | None = None) -> tuple[dict, dict]:
     state = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-    flat = load_file(folder / "optimizer.safetensors")
+    model.load_state_dict(_read_tensors(folder / "model.safetensors", key), strict=True)
     opt_state: dict = {}
-    for key, value in flat.items():
-        if key == "_empty":
+    for name, value in _read_tensors(folder / "optimizer.safetensors", key).items():
+        if name == "_empty":
             continue
-        index, name = key.split(".", 1)
-        opt_state.setdefault(int(index), {})[name] = value
+        index, tensor_name = name.split(".", 1)
+        opt_state.setdefault(int(index), {})[tensor_name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
     scheduler.load_state_dict(state.pop("scheduler"))
-    return state, load_file(folder / "best.safetensors")
+    return state, _read_tensors(folder / "best.safetensors", key)
 
 
 def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=True, checkpoint_dir=None,
-             resume: bool = False) -> dict:
+             resume: bool = False, encryption_key: bytes | None = None) -> dict:
     """Train backbones and fusion end to end; returns the history (per-epoch loss, validation accuracy)."""
     from .training import seed_everything
 
@@ -146,7 +167,7 @@ def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=Tru
     if resume:
         if folder is None or not (folder / "state.json").is_file():
             raise ConfigError(f"--resume: no checkpoint at {folder}; start without --resume")
-        state, best_state = _load_checkpoint(folder, model, optimizer, scheduler)
+        state, best_state = _load_checkpoint(folder, model, optimizer, scheduler, encryption_key)
         log(f"resuming after epoch {state['epoch']} from {folder}")
     while state["epoch"] < config.epochs and state["stale"] < config.patience:
         epoch = state["epoch"]
@@ -183,7 +204,7 @@ def finetune(model, train_ds, val_ds, config, *, device, log=print, progress=Tru
         if distributed.rank() == 0:
             log(f"epoch {epoch + 1}: loss {state['epochs'][-1]['loss']:.4f}, validation accuracy {val_acc:.4f}")
             if folder is not None:  # only rank 0 writes; the others wait until the checkpoint is complete
-                _save_checkpoint(folder, model, optimizer, scheduler, state, best_state)
+                _save_checkpoint(folder, model, optimizer, scheduler, state, best_state, encryption_key)
         distributed.barrier()
     model.load_state_dict(best_state)
     distributed.broadcast_state(model)  # every rank continues with rank 0's exact weights

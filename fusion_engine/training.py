@@ -80,7 +80,8 @@ def prepare_data(model, train, val, config: TrainConfig):
 
 
 def fit(model, train, val=None, *, config: TrainConfig | None = None, cache_dir=None, use_cache: bool = True,
-        progress: bool = True, log=print, checkpoint_dir=None, resume: bool = False, **overrides) -> dict:
+        progress: bool = True, log=print, checkpoint_dir=None, resume: bool = False,
+        encryption_key: bytes | None = None, **overrides) -> dict:
     """Train ``model`` on ``train`` (any input ``load_dataset`` takes); returns the training history."""
     config = (config or TrainConfig()).model_copy(update=overrides) if overrides else (config or TrainConfig())
     TrainConfig.model_validate(config.model_dump())
@@ -94,7 +95,7 @@ def fit(model, train, val=None, *, config: TrainConfig | None = None, cache_dir=
         from .finetune import finetune
 
         history.update(finetune(model, train_ds, val_ds, config, device=device, log=log, progress=progress,
-                                checkpoint_dir=checkpoint_dir, resume=resume))
+                                checkpoint_dir=checkpoint_dir, resume=resume, encryption_key=encryption_key))
     model.to(device)
     train_feats = cache.features(model, train_ds, batch_size=config.batch_size, num_workers=config.num_workers,
                                  device=device, progress=progress)

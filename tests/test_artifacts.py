@@ -13,8 +13,8 @@ import pickle
 import re
 import shutil
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
