@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .atomic import atomic_directory
 from .errors import ArtifactError, FusionEngineError, WeightsError
-from .safe_files import check_finite, check_folder, member_path, sha256_file
+from .safe_files import state_mismatch, check_finite, check_folder, member_path, sha256_file
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -277,19 +277,9 @@ def _rebuild(manifest: Manifest, engine):
 def _load_state(model, tensors: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
     """Load ``tensors`` strictly; module prefixes in ``skip`` (int8-packed modules) are loaded elsewhere."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)} if skip else model.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    wrong = [f"{k}: {tuple(tensors[k].shape)} {tensors[k].dtype} (expected {tuple(v.shape)} {v.dtype})"
-             for k, v in own.items() if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:3]}")
-        if wrong:
-            parts.append(f"wrong shape or dtype: {wrong[:3]}")
-        raise ArtifactError(f"{MODEL_FILE} does not match the manifest's config: " + "; ".join(parts))
+    problem = state_mismatch(own, tensors)
+    if problem:
+        raise ArtifactError(f"{MODEL_FILE} does not match the manifest's config: tensors {problem}")
     if not skip:
         model.load_state_dict(tensors, strict=True)
         return

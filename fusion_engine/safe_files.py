@@ -145,3 +145,21 @@ def check_finite(tensors: dict[str, torch.Tensor], where) -> None:
     for name, tensor in tensors.items():
         if (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all():
             raise WeightsError(f"{where}: tensor {name!r} contains NaN or Inf values")
+
+
+def state_mismatch(expected: dict, given: dict, *, dtypes: bool = True) -> str:
+    """'' when ``given`` tensors fit ``expected`` (a state dict) by name, shape (and dtype); else a
+    short description of what is missing, unexpected or of another shape."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k}: {tuple(given[k].shape)} {given[k].dtype} (expected {tuple(v.shape)} {v.dtype})"
+             for k, v in expected.items()
+             if k in given and (given[k].shape != v.shape or (dtypes and given[k].dtype != v.dtype))]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape or dtype (e.g. {'; '.join(wrong[:2])})")
+    return "; ".join(parts)

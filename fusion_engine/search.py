@@ -674,7 +674,10 @@ class SearchResult:
 
     def save(self, model, folder, **options) -> Path:
         """``model.save(folder)``, plus ``folder.config.json`` (the winner's config, to rerun or edit) and
-        ``folder.search.json`` (the leaderboard) beside the folder."""
+        ``folder.search.json`` (the leaderboard) beside the folder; the manifest's history keeps the
+        leaderboard too."""
+        if isinstance(model.extras.get("history"), dict):
+            model.extras["history"]["search"] = self.to_dict()
         out = model.save(folder, engine=options.pop("engine", self.engine), **options)
         config_path, board_path = side_paths(folder)
         config_path.write_text(json.dumps(self.winner_config, indent=2) + "\n")

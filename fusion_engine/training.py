@@ -145,12 +145,13 @@ def train_head(head, train_feats, y, val_feats, y_val, config: TrainConfig, devi
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
     generator = torch.Generator().manual_seed(config.seed)
     best, best_state, stale, epochs = -1.0, None, 0, []
+    batch_size = min(config.head_batch_size, max(16, len(y_t) // 20))  # at least ~20 steps per epoch
     for epoch in range(config.epochs):
         head.train()
         order = torch.randperm(len(y_t), generator=generator).numpy()
         total = 0.0
-        for start in range(0, len(order), config.head_batch_size):
-            idx = np.sort(order[start:start + config.head_batch_size])
+        for start in range(0, len(order), batch_size):
+            idx = np.sort(order[start:start + batch_size])
             batch = [torch.from_numpy(np.asarray(f[idx])).to(device) for f in train_feats]
             loss = F.cross_entropy(head(batch), y_t[idx].to(device), label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

@@ -391,12 +391,12 @@ def _garbage(t):
 
 
 MALFORMED = {
-    "wrong shape": (_wrong_shape, ArtifactError, "does not match the manifest's config: wrong shape or dtype"),
-    "wrong dtype": (_wrong_dtype, ArtifactError, "wrong shape or dtype: .*torch.float64"),
+    "wrong shape": (_wrong_shape, ArtifactError, "does not match the manifest's config: tensors 1 of another shape"),
+    "wrong dtype": (_wrong_dtype, ArtifactError, "of another shape or dtype .*torch.float64"),
     "NaN": (_nan, WeightsError, "contains NaN or Inf"),
     "Inf": (_inf, WeightsError, "contains NaN or Inf"),
-    "missing tensor": (_missing, ArtifactError, "missing tensors"),
-    "unexpected tensor": (_extra, ArtifactError, r"unexpected tensors \['smuggled.weight'\]"),
+    "missing tensor": (_missing, ArtifactError, r"1 missing \(e.g."),
+    "unexpected tensor": (_extra, ArtifactError, r"1 unexpected \(e.g. smuggled.weight\)"),
     "truncated": (_truncated, WeightsError, "not a valid safetensors file"),
     "malformed header": (_garbage, WeightsError, "not a valid safetensors file"),
 }

@@ -13,7 +13,7 @@ from torch import nn
 
 from fusion_engine import hookimpl
 from fusion_engine.errors import ConfigError, WeightsError
-from fusion_engine.safe_files import load_weights_file
+from fusion_engine.safe_files import load_weights_file, state_mismatch
 from fusion_engine.weights_index import ENV_VAR, find_entry
 
 
@@ -66,21 +66,10 @@ def _load_local(model: nn.Module, path: str) -> None:
     for prefix in [classifier] if isinstance(classifier, str) else classifier:
         for key in [k for k in state if k == prefix or k.startswith(prefix + ".")]:
             state.pop(key)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with other shapes (e.g. {', '.join(wrong[:2])})")
+    problem = state_mismatch(model.state_dict(), state, dtypes=False)
+    if problem:
         raise WeightsError(f"weights file {path} does not fit timm model '{model.default_cfg.get('architecture')}': "
-                           + "; ".join(parts) + ". Check the model name and model_kwargs.")
+                           f"tensors {problem}. Check the model name and model_kwargs.")
     model.load_state_dict(state, strict=True)
 
 
