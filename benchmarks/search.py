@@ -101,7 +101,6 @@ def main() -> int:
     result.final = {"held_out_accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
                     "seconds": round(time.perf_counter() - fit_start, 2)}
     out = args.out or str(Path(args.cache_dir).parent / f"search-{args.dataset}-run")
-    result.save(model, out, engine=engine)
     searched = report["accuracy"]
 
     fixed = {"transfer": best_fixed_from(args.fixed)}
@@ -139,6 +138,12 @@ def main() -> int:
           f"{result.final['seconds']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+    try:  # last: the numbers above are kept even if saving fails
+        result.save(model, out, engine=engine)
+        print(f"saved the searched model to {out} (config: {out}.config.json)")
+    except Exception as exc:  # noqa: BLE001
+        print(f"saving {out} failed: {type(exc).__name__}: {exc}")
+        return 1
     return 0
 
 

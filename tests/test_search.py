@@ -160,9 +160,9 @@ def test_time_budget_is_respected(engine, digits, tmp_path):
     candidates = [{"name": "pixels", "size": s, "label": f"px{s}"} for s in (8, 10, 12, 14, 16, 20)]
     search(train, candidates, engine=engine, fusions=["concat"], cache_dir=tmp_path / "cache", log=lambda *a: None,
            folds=2, epochs=1, max_branches=1, baseline=False)  # fills the cache: extraction is outside the budget
-    budget_minutes = 0.05
+    budget_minutes = 0.05  # 3 s, for some 40 rows of 3 folds each
     result = search(train, candidates, engine=engine, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3,
-                    epochs=40, patience=40, time_budget=budget_minutes, max_branches=3, baseline=False)
+                    epochs=5, patience=5, time_budget=budget_minutes, max_branches=3, baseline=False)
     timing = result.timing
     assert timing["budget_exhausted"] and "time budget" in result.stopped
     assert timing["evaluations"] >= 2  # it did use the budget
