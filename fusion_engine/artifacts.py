@@ -93,6 +93,7 @@ def rebuild_config(model) -> dict:
         options = {k: v for k, v in spec["options"].items() if k not in WEIGHT_OPTIONS}
         options.update(getattr(branch.backbone, "rebuild_options", None) or {})
         spec["options"] = options
+        spec["label"] = spec.get("label") or branch.name  # the name came from options dropped above
     return config
 
 

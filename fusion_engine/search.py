@@ -62,6 +62,9 @@ class SearchConfig(BaseModel):
         "at least 10 and at most the final training's epochs"))
     patience: int = Field(default=5, ge=1, description="early-stopping patience per CV fold")
     min_gain: float = Field(default=0.0, ge=0, description="a larger subset must also gain this much CV accuracy")
+    prefer_fewer: bool = Field(default=True, description=(
+        "winner: the best row of the last accepted subset (True), or the best CV row of all, even one of a "
+        "larger subset whose gain was within the fold noise (False)"))
     fusions: dict[str, list[dict]] | None = Field(
         default=None, description="fusion name -> option sets to try (default: every registered fusion, DEFAULT_GRID)")
     screen: str | dict | None = Field(default=None, description=(
@@ -419,6 +422,9 @@ class Searcher:
                 break
         if stopped is None:
             stopped = "max_branches reached" if len(current) == self.config.max_branches else "every candidate used"
+        if best_row is not None and not self.config.prefer_fewer:
+            best_row = max((r for r in self.rows.values() if r["cv_mean"] is not None),
+                           key=lambda r: (r["cv_mean"], -r["parameters"]))
         for i, c in enumerate(self.candidates):  # every single backbone is a row, scored or not
             key = ((i,), json.dumps(screen, sort_keys=True, default=str))
             if key not in self.rows:
@@ -845,6 +851,8 @@ def add_search_options(parser) -> None:
     group.add_argument("--time-budget", type=float, metavar="MIN", help="minutes for the selection after extraction")
     group.add_argument("--max-branches", type=int, metavar="K", help="largest backbone subset (default 3)")
     group.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
+    group.add_argument("--prefer-best", action="store_true",
+                       help="pick the best CV row even if its extra backbones gained less than the fold noise")
     group.add_argument("--search-epochs", type=int, metavar="N", help="head epochs per CV fold (default: about 300 optimizer steps, 10 to --epochs)")
 
 
@@ -877,7 +885,8 @@ def run_search(args) -> int:
         "num_workers": args.workers, "device": args.device, "val_fraction": args.val_fraction}.items() if v is not None}
     train_config = TrainConfig(**overrides)
     search_overrides = {k: v for k, v in {"time_budget": args.time_budget, "max_branches": args.max_branches,
-                                          "folds": args.folds, "epochs": args.search_epochs}.items() if v is not None}
+                                          "folds": args.folds, "epochs": args.search_epochs,
+                                          "prefer_fewer": False if args.prefer_best else None}.items() if v is not None}
     from .engine import Engine
 
     engine = Engine.from_plugins()

@@ -195,6 +195,11 @@ def test_greedy_selection_stops_within_fold_noise(engine, digits, tmp_path):
         assert set(row) >= {"candidate", "cv_mean", "cv_std", "held_out", "feature_width", "images_per_second",
                             "parameters"}
     assert "| rank | candidate |" in result.table()
+    # prefer_fewer=False: the best CV row of all, here the pair within the noise
+    best = search(train, [FULL, FULL | {"size": 9, "label": "full9"}, LEFT], engine=engine,
+                  fusions={"stacking": [{}]}, screen="stacking", cache_dir=tmp_path / "cache", log=lambda *a: None,
+                  folds=3, max_branches=3, baseline=False, prefer_fewer=False)
+    assert best.winner["candidate"] == board[1]["candidate"] and len(best.winner["backbones"]) == 2
 
 
 def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsys):
