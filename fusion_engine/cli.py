@@ -81,7 +81,6 @@ def cmd_train(args) -> int:
     import torch
 
     from .config import load_config_file
-    from .data import load_dataset, stratified_split
     from .defaults import default_config
     from .features import FeatureCache
     from .metrics import format_report
@@ -105,13 +104,7 @@ def cmd_train(args) -> int:
     if args.fusion:
         config["fusion"] = args.fusion
     log(f"backbones: {note}")
-    data = load_dataset(args.data)
-    if args.data_test:
-        train_data, test_data = data, load_dataset(args.data_test)
-    else:
-        train_data, test_data = stratified_split(data, args.test_fraction, args.seed)
-    log(f"data: {data.name}: {len(train_data)} training images, {len(test_data)} held-out test images, "
-        f"{len(data.classes)} classes")
+    data, train_data, test_data = load_train_test(args, log)
     encryption_key = _encryption_key(args, required=args.encrypt)
     overrides = {k: v for k, v in {
         "mode": args.mode, "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
@@ -142,6 +135,20 @@ def cmd_train(args) -> int:
         log(f"extraction {history.get('extract_seconds', 0):.1f} s, head training {history.get('head_seconds', 0):.1f} s; "
             f"saved to {out}")
     return 0
+
+
+def load_train_test(args, log, training_note: str = "") -> tuple:
+    """``--data`` and its held-out part: ``--data-test``, else a seeded stratified split of ``--data``."""
+    from .data import load_dataset, stratified_split
+
+    data = load_dataset(args.data)
+    if args.data_test:
+        train_data, test_data = data, load_dataset(args.data_test)
+    else:
+        train_data, test_data = stratified_split(data, args.test_fraction, args.seed)
+    log(f"data: {data.name}: {len(train_data)} training images{training_note}, {len(test_data)} held-out test "
+        f"images, {len(data.classes)} classes")
+    return data, train_data, test_data
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:

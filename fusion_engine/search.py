@@ -858,10 +858,7 @@ def add_search_options(parser) -> None:
 
 def run_search(args) -> int:
     """``fusion-engine train --search``: select, train the winner, evaluate it on held-out data, save RUN_DIR."""
-    import torch
-
-    from .cli import _apply_weights_dir, _encryption_key, _summary
-    from .data import load_dataset, stratified_split
+    from .cli import _apply_weights_dir, _encryption_key, _summary, load_train_test
     from .metrics import format_report
     from .training import TrainConfig
 
@@ -873,13 +870,7 @@ def run_search(args) -> int:
     if args.mode == "finetune":
         raise ConfigError("--search works on frozen, cached features; train the chosen config with --mode finetune "
                           "afterwards (fusion-engine train --config RUN_DIR.config.json --mode finetune)")
-    data = load_dataset(args.data)
-    if args.data_test:
-        train_data, test_data = data, load_dataset(args.data_test)
-    else:
-        train_data, test_data = stratified_split(data, args.test_fraction, args.seed)
-    log(f"data: {data.name}: {len(train_data)} training images (the search sees only these), "
-        f"{len(test_data)} held-out test images, {len(data.classes)} classes")
+    data, train_data, test_data = load_train_test(args, log, " (the search sees only these)")
     overrides = {k: v for k, v in {
         "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
         "num_workers": args.workers, "device": args.device, "val_fraction": args.val_fraction}.items() if v is not None}
