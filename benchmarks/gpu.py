@@ -19,14 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from shared_data import SHARED
 
 from fusion_engine import Engine
 from fusion_engine.data import load_dataset, stratified_split, to_float_images
 from fusion_engine.runtimes import make_runner
 
-SHARED = Path(os.environ.get("FUSION_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 BRANCHES = ["mobilenetv2_100.tf1_quant_in1k", "mobilenetv2_100.tf2_ptq_in1k", "mobilenetv2_100.tf1_quant_inat_bird"]
 
 

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from shared_data import SHARED
 
-SHARED = Path(os.environ.get("FUSION_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
 CONFIG = {"backbones": [{"name": "timm", "model": "mobilenetv2_100", "input_size": 32}], "fusion": "concat"}

@@ -6,7 +6,8 @@
 Data and split exactly as benchmarks/transfer.py (CIFAR-10 JPEG 8k: 6000/2000, USPS: 5291/2000,
 stratified, seed 0), so a cache that transfer.py filled is reused: the candidates are every
 MobileNet in ../shared/weights, each as ``{"name": "timm", "weights": NAME}`` (transfer.py's
-options; the label is not part of the cache key). Weights the engine cannot build are listed.
+options; the label is not part of the cache key), plus the handcrafted (HOG + colour histogram)
+backbone when its plugin is installed. Weights the engine cannot build are listed.
 
 Prints the leaderboard (CV on the training split only; held-out scored after the choice),
 the searched model's held-out accuracy, and the comparison with the best fixed configuration:
@@ -19,22 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from shared_data import add_split_arguments, held_out_split
 
 from fusion_engine import Engine
-from fusion_engine.data import load_dataset, stratified_split
 from fusion_engine.features import FeatureCache
 from fusion_engine.search import search
 from fusion_engine.training import TrainConfig
 from fusion_engine.weights_index import all_entries
 
-SHARED = Path(os.environ.get("FUSION_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-DATASETS = {"cifar": "cifar10_jpeg_train8k.npz", "usps": "usps_train.npz"}
 FIXED_FUSIONS = ["concat", "attention", "gated", "vote", "stacking"]
 
 
@@ -66,12 +64,7 @@ def noise(p: float, n: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="cifar")
-    parser.add_argument("--held-out", type=int, default=2000)
-    parser.add_argument("--limit", type=int, help="use only this many images (quick check; no cache reuse)")
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache/fusion-engine/bench-features"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_split_arguments(parser)
     parser.add_argument("--time-budget", type=float, default=30.0, help="minutes for the selection")
     parser.add_argument("--max-branches", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
@@ -80,19 +73,17 @@ def main() -> int:
     parser.add_argument("--out", help="RUN_DIR for the searched model (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    os.environ.setdefault("FUSION_ENGINE_WEIGHTS_DIR", str(SHARED / "weights"))
-    data = load_dataset(SHARED / "data" / DATASETS[args.dataset])
-    if args.limit:
-        data, _ = stratified_split(data, len(data) - args.limit, args.seed)
-    held_out = min(args.held_out, len(data) // 4) if args.limit else args.held_out
-    train, test = stratified_split(data, held_out, args.seed)
+    data, train, test = held_out_split(args)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     log(f"{args.dataset}: {len(train)} train / {len(test)} held-out; device {args.device}, "
         f"{torch.get_num_threads()} threads")
     engine = Engine.from_plugins()
     train_config = TrainConfig(seed=args.seed, device=args.device)
     start = time.perf_counter()
-    result = search(train, mobilenets(), test=test, engine=engine, train_config=train_config, cache_dir=args.cache_dir,
+    candidates = mobilenets()
+    if "handcrafted" in engine.registry.names("backbone"):  # as fusion-engine train --search adds it
+        candidates.append({"name": "handcrafted", "label": "handcrafted"})
+    result = search(train, candidates, test=test, engine=engine, train_config=train_config, cache_dir=args.cache_dir,
                     log=log, time_budget=args.time_budget, max_branches=args.max_branches, folds=args.folds)
     search_wall = time.perf_counter() - start
     fit_start = time.perf_counter()
@@ -105,9 +96,12 @@ def main() -> int:
 
     fixed = {"transfer": best_fixed_from(args.fixed)}
     if not args.no_recompute:  # the transfer.py configurations, trained as fit() trains them, on the same split
-        v2 = [c.label for c in result._candidates if c.spec["weights"].startswith("mobilenetv2_100.")]
+        v2 = [c.label for c in result._candidates if c.spec.get("weights", "").startswith("mobilenetv2_100.")]
         t = time.perf_counter()
         rows = {f"{f} (all pretrained)": result.score_fixed(v2, f) for f in FIXED_FUSIONS}
+        if any(c.label == "handcrafted" for c in result._candidates):
+            rows.update({f"{f} (all pretrained + handcrafted branch)": result.score_fixed(v2 + ["handcrafted"], f)
+                         for f in ("concat", "stacking")})
         rows.update({f"{b} alone (concat head)": r["held_out"] for r in result.rows
                      if r["kind"] == "single" and r["fusion"] == {"name": "concat"}
                      for b in r["backbones"] if r["held_out"] is not None})

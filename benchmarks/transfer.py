@@ -3,7 +3,8 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/transfer.py --dataset cifar   # or usps
 
 Data: ../shared/data (CIFAR-10 JPEG 8k split 6000/2000, USPS 7291 split 5291/2000),
-stratified and seeded; branches: the MobileNetV2 weights in ../shared/weights.
+stratified and seeded; branches: the MobileNetV2 weights in ../shared/weights, and (when the
+fusion-engine-handcrafted plugin is installed) the same plus a HOG + colour-histogram branch.
 Prints a markdown table (and --json) with margins, extraction and head-training times,
 and the speed-up of a second run that hits the feature cache.
 """
@@ -12,20 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from shared_data import add_split_arguments, held_out_split
 
 from fusion_engine import Engine
-from fusion_engine.data import load_dataset, stratified_split
 from fusion_engine.features import FeatureCache
 
-SHARED = Path(os.environ.get("FUSION_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-DATASETS = {"cifar": "cifar10_jpeg_train8k.npz", "usps": "usps_train.npz"}
 PRETRAINED = ["mobilenetv2_100.tf1_quant_in1k", "mobilenetv2_100.tf2_ptq_in1k",
               "mobilenetv2_100.tf1_quant_inat_bird", "mobilenetv2_100.tf1_quant_inat_insect"]
 FUSIONS = ["concat", "attention", "gated", "vote", "stacking"]
@@ -37,20 +34,10 @@ def branch(name: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="cifar")
-    parser.add_argument("--held-out", type=int, default=2000)
-    parser.add_argument("--limit", type=int, help="use only this many images (quick check)")
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache/fusion-engine/bench-features"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_split_arguments(parser)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    os.environ.setdefault("FUSION_ENGINE_WEIGHTS_DIR", str(SHARED / "weights"))
-    data = load_dataset(SHARED / "data" / DATASETS[args.dataset])
-    if args.limit:
-        data, _ = stratified_split(data, len(data) - args.limit, args.seed)
-    held_out = min(args.held_out, len(data) // 4) if args.limit else args.held_out
-    train, test = stratified_split(data, held_out, args.seed)
+    data, train, test = held_out_split(args)
     print(f"{args.dataset}: {len(train)} train / {len(test)} held-out; device {args.device}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     engine = Engine.from_plugins()
@@ -89,6 +76,10 @@ def main() -> int:
                                                       "fusion": "concat"})
     for fusion in FUSIONS[1:]:
         run(f"{fusion} (all pretrained)", {**fused, "fusion": fusion})
+    if "handcrafted" in engine.registry.names("backbone"):  # deep and classic features fused, as the default model
+        with_handcrafted = {"backbones": fused["backbones"] + [{"name": "handcrafted", "label": "handcrafted"}]}
+        for fusion in ("concat", "stacking"):
+            run(f"{fusion} (all pretrained + handcrafted branch)", {**with_handcrafted, "fusion": fusion})
     best_single = max(singles.values())
     best = max((r for r in rows if "(all pretrained" in r["model"]), key=lambda r: r["accuracy"])
     summary = {
@@ -98,7 +89,7 @@ def main() -> int:
         "margin_vs_handcrafted": round(best["accuracy"] - report["baselines"]["handcrafted"], 4),
         "cache_speedup": round(timing["first_fit_seconds"] / max(timing["cached_fit_seconds"], 1e-9), 1),
     }
-    print(f"\n| model | held-out accuracy | macro-F1 |\n|---|---|---|")
+    print("\n| model | held-out accuracy | macro-F1 |\n|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |")
     print(f"\nbest fusion: {best['model']}: {100 * summary['margin_vs_best_single']:+.2f} points vs the best single "

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import resource
 import time
+from queue import Empty
 
 import numpy as np
 import torch
@@ -48,6 +49,16 @@ def _measure(run_dir: str, runtime: str, batch_size: int, iterations: int, threa
         queue.put({"runtime": runtime, "error": f"{type(exc).__name__}: {exc}"})
 
 
+def _result_of(process, queue, runtime: str) -> dict:
+    """The measuring process's result, or an error row when it dies without one (crash, out of memory)."""
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except Empty:
+            if not process.is_alive():
+                return {"runtime": runtime, "error": f"the measuring process died (exit code {process.exitcode})"}
+
+
 def benchmark(run_dir, runtimes, *, batch_size: int = 32, iterations: int = 20, threads: int | None = None,
               data=None) -> list[dict]:
     """One result dict per runtime, each measured in a fresh spawned process."""
@@ -59,9 +70,8 @@ def benchmark(run_dir, runtimes, *, batch_size: int = 32, iterations: int = 20, 
         process = context.Process(target=_measure, args=(str(run_dir), runtime, batch_size, iterations, threads,
                                                          data, queue))
         process.start()
-        result = queue.get()
+        results.append(_result_of(process, queue, runtime))
         process.join()
-        results.append(result)
     return results
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from .errors import ConfigError, FusionEngineError
@@ -217,12 +218,16 @@ def _confusion_png(report: dict, class_names, path):
 
 def cmd_predict(args) -> int:
     """Top-k classes and probabilities per image."""
-    from .prediction import predict_files
-
     if args.runtime == "onnx":  # an exported .onnx file, or RUN_DIR exported in memory, run by onnxruntime
-        from .export import predict_onnx_files as predict_files
+        from .export import predict_onnx_files as predictor
+    else:
+        from .prediction import predict_files as predictor
     model = args.run_dir if args.runtime == "onnx" and args.run_dir.endswith(".onnx") else _load(args)
-    results = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers)
+    start = time.perf_counter()
+    results = predictor(model, args.images, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers)
+    seconds = time.perf_counter() - start
+    print(f"predicted {len(results)} images in {seconds:.2f} s ({len(results) / max(seconds, 1e-9):.1f} images/s)",
+          file=sys.stderr)
     if args.json:
         print(json.dumps(results))
     else:

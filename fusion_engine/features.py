@@ -23,6 +23,7 @@ from . import distributed
 from .data import collate_images
 from .errors import DataError
 from .progress import Progress
+from .runtimes import fast_memory_format
 
 CACHE_VERSION = "features-v1"
 
@@ -198,9 +199,10 @@ def run_branches(model, loader, indices, outputs, device, progress) -> None:
     """Fill ``outputs[j]`` with branch ``indices[j]``'s features, batch by batch."""
     model.eval()
     row = 0
-    for images, _ in loader:
-        features = model.branch_features(images.to(device), indices)
-        for out, f in zip(outputs, features):
-            out[row:row + len(images)] = f.float().cpu().numpy()
-        row += len(images)
-        progress.update(len(images))
+    with fast_memory_format(model, device) as memory_format:
+        for images, _ in loader:
+            features = model.branch_features(images.to(device).contiguous(memory_format=memory_format), indices)
+            for out, f in zip(outputs, features):
+                out[row:row + len(images)] = f.float().cpu().numpy()
+            row += len(images)
+            progress.update(len(images))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ def predict_files(model, paths, *, top_k: int = 3, batch_size: int = 64, workers
     files = image_files(paths)
     dataset = FolderImageDataset(Path("/"), [str(f.resolve()) for f in files], np.zeros(len(files)), ["?"])
     model.eval()
-    results, start = [], time.perf_counter()
+    results = []
     k = max(1, min(top_k, model.num_classes))
     row = 0
     for images, _ in make_loader(dataset, model, batch_size, workers):
@@ -45,5 +44,4 @@ def predict_files(model, paths, *, top_k: int = 3, batch_size: int = 64, workers
             results.append({"image": str(files[row]), "top": [{"class": model.class_names[c], "probability": p}
                                                             for p, c in zip(v, i)]})
             row += 1
-    model.extras["predict_images_per_second"] = len(files) / max(time.perf_counter() - start, 1e-9)
     return results

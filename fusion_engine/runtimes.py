@@ -23,6 +23,25 @@ def autocast(device, precision: str = "fp32"):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def fast_memory_format(model: torch.nn.Module, device):
+    """Yield the memory format extraction should feed ``model``: channels_last for convolutional
+    models on the CPU (about 2x faster than NCHW for MobileNets and ResNets here; see
+    docs/benchmarks.md), with the model converted for the duration and restored afterwards;
+    contiguous NCHW on GPUs (channels_last measured 4x slower there for depthwise convolutions)."""
+    convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if torch.device(device).type != "cpu" or not convolutional:
+        yield torch.contiguous_format
+        return
+    with torch.inference_mode(False):  # parameters stay normal tensors, trainable afterwards
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield torch.channels_last
+    finally:
+        with torch.inference_mode(False):
+            model.to(memory_format=torch.contiguous_format)
+
+
 def make_runner(model, runtime: str = "eager", *, example=None):
     """A callable for ``runtime``; ``example`` images are needed by 'onnx' (export) only."""
     if runtime not in RUNTIMES:

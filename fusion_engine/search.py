@@ -749,7 +749,8 @@ def search(train, candidates=None, *, test=None, engine=None, config: SearchConf
     """Choose backbones and fusion for ``train`` by cross-validation on cached features.
 
     ``candidates``: backbone specs (a list), a candidates file, a dict ``{"backbones",
-    "fusions"}``, or None for every entry of the local weights index. ``fusions``: names or
+    "fusions"}``, or None for every entry of the local weights index (plus the ``handcrafted``
+    backbone when its plugin is installed). ``fusions``: names or
     ``{name: [options, ...]}`` (default: every registered fusion with :data:`DEFAULT_GRID`).
     ``test``: scored only after the choice, for the report. ``overrides`` set
     :class:`SearchConfig` fields (``time_budget`` in minutes, ``max_branches``, ``folds``...).
@@ -767,6 +768,8 @@ def search(train, candidates=None, *, test=None, engine=None, config: SearchConf
     train_config = train_config or TrainConfig()
     engine = engine or Engine.from_plugins()
     specs, file_fusions = load_candidates(candidates)
+    if candidates is None and "handcrafted" in engine.registry.names("backbone"):
+        specs.append({"name": "handcrafted"})  # as in the default model: classic features may fuse with deep ones
     grid = normalise_grid(fusions) or file_fusions or config.fusions or {
         c.name: DEFAULT_GRID.get(c.name, [{}]) for c in engine.components("fusion")}
     fusion_list, fusion_problems = [], []

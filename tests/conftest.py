@@ -6,6 +6,9 @@
   undone afterwards; the public fixture of :mod:`fusion_engine.testing`, imported here.
 - ``fake_distribution``: write an installed distribution (``NAME-VERSION.dist-info`` with an
   ``[fusion_engine]`` entry point) plus its module into a folder and put it on ``sys.path``.
+- ``digits_split``: scikit-learn's digits, split 80/20 (stratified, seed 0) into train and held-out.
+- ``train_and_save``: ``train_and_save(engine, config, train, folder, epochs=, lr=)`` fits a fused
+  model in frozen mode (no cache, no baselines, quiet) and saves it as a RUN_DIR.
 - Every test runs offline (``HF_HUB_OFFLINE=1``), single-threaded, and without the
   ``FUSION_ENGINE_*`` variables of the calling shell.
 """
@@ -98,3 +101,27 @@ def fake_distribution(tmp_path, monkeypatch):
     for module in modules:
         sys.modules.pop(module, None)
     importlib.invalidate_caches()
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """(train, held-out): scikit-learn's digits split 80/20, stratified with seed 0."""
+    from fusion_engine.data import load_dataset, stratified_split
+
+    return stratified_split(load_dataset("digits"), 0.2, 0)
+
+
+@pytest.fixture(scope="session")
+def train_and_save():
+    """A function: fit ``config`` on ``train`` quietly (seed 0, frozen, no cache, no baselines), save to ``folder``."""
+    from fusion_engine.artifacts import save
+
+    def fit_and_save(engine, config, train, folder, *, epochs: int, lr: float) -> Path:
+        torch.manual_seed(0)
+        model = engine.build(config, class_names=train.classes)
+        model.fit(train, epochs=epochs, lr=lr, baselines=False, use_cache=False, progress=False,
+                  log=lambda *a, **k: None)
+        save(model, folder, engine=engine)
+        return Path(folder)
+
+    return fit_and_save

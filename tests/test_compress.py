@@ -37,20 +37,9 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return stratified_split(load_dataset("digits"), 0.2, 0)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, engine, digits):
+def trained(tmp_path_factory, engine, digits_split, train_and_save):
     """A tiny fused model trained (frozen backbone, MLP head) on the digits training split, saved."""
-    train, _ = digits
-    torch.manual_seed(0)
-    model = engine.build(CONFIG, class_names=train.classes)
-    model.fit(train, epochs=20, lr=1e-2, baselines=False, use_cache=False, progress=False, log=lambda *a, **k: None)
-    folder = tmp_path_factory.mktemp("trained") / "run"
-    save(model, folder, engine=engine)
-    return folder
+    return train_and_save(engine, CONFIG, digits_split[0], tmp_path_factory.mktemp("trained") / "run", epochs=20, lr=1e-2)
 
 
 def predictions(model, dataset) -> np.ndarray:
@@ -65,8 +54,8 @@ def tensor_dtypes(path) -> dict:
         return {k: f.get_slice(k).get_dtype() for k in f.keys()}
 
 
-def test_fp16_halves_the_file_and_keeps_top1(trained, engine, digits, tmp_path):
-    _, test = digits
+def test_fp16_halves_the_file_and_keeps_top1(trained, engine, digits_split, tmp_path):
+    _, test = digits_split
     original = load(trained, engine=engine)
     model = load(trained, engine=engine)
     compress(model, "fp16")
@@ -82,10 +71,10 @@ def test_fp16_halves_the_file_and_keeps_top1(trained, engine, digits, tmp_path):
     assert abs(accuracy(original, test) - accuracy(loaded, test)) <= 0.01
 
 
-def test_int8_linear_layers_round_trip_and_keep_top1(trained, engine, digits, tmp_path):
+def test_int8_linear_layers_round_trip_and_keep_top1(trained, engine, digits_split, tmp_path):
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-    _, test = digits
+    _, test = digits_split
     original = load(trained, engine=engine)
     model = load(trained, engine=engine)
     compress(model, "int8")

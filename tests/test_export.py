@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"ONNX export needs {', '.
 from fusion_engine import Engine  # noqa: E402
 from fusion_engine.artifacts import load, save  # noqa: E402
 from fusion_engine.cli import main  # noqa: E402
-from fusion_engine.data import load_dataset, stratified_split  # noqa: E402
 from fusion_engine.errors import ExportError  # noqa: E402
 
 # Two input sizes: the 24px branch is resized inside the graph (bilinear, antialiased).
@@ -36,19 +35,10 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return stratified_split(load_dataset("digits"), 0.2, 0)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, engine, digits):
+def exported(tmp_path_factory, engine, digits_split, train_and_save):
     """A tiny two-branch model trained on digits, saved, and exported with ``fusion-engine export``."""
-    train, _ = digits
-    torch.manual_seed(0)
-    model = engine.build(CONFIG, class_names=train.classes)
-    model.fit(train, epochs=8, lr=3e-3, baselines=False, use_cache=False, progress=False, log=lambda *a, **k: None)
     folder = tmp_path_factory.mktemp("export")
-    save(model, folder / "run", engine=engine)
+    train_and_save(engine, CONFIG, digits_split[0], folder / "run", epochs=8, lr=3e-3)
     code = main(["export", str(folder / "run"), "--format", "onnx", "--out", str(folder / "model.onnx"), "--json"])
     assert code == 0
     return folder / "run", folder / "model.onnx"
@@ -80,11 +70,11 @@ def test_export_metadata_and_dynamic_batch(exported, engine):
         assert np.abs(probs - expected).max() <= 1e-4
 
 
-def test_onnx_top1_matches_torch_on_held_out_digits(exported, engine, digits):
+def test_onnx_top1_matches_torch_on_held_out_digits(exported, engine, digits_split):
     from fusion_engine.export import check_images, input_contract, parity
 
     run, onnx_file = exported
-    _, test = digits
+    _, test = digits_split
     model = load(run, engine=engine)
     images = check_images(test, input_contract(model), count=len(test))
     result = parity(model, onnx_file, images)
@@ -105,9 +95,9 @@ def _png_files(dataset, folder, count=4):
     return paths
 
 
-def test_predict_runtime_onnx_matches_torch(exported, digits, tmp_path, capsys):
+def test_predict_runtime_onnx_matches_torch(exported, digits_split, tmp_path, capsys):
     run, onnx_file = exported
-    _, test = digits
+    _, test = digits_split
     files = [str(p) for p in _png_files(test, tmp_path / "images")]
     assert main(["predict", str(run), *files, "--json"]) == 0
     torch_out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -118,7 +118,9 @@ def test_cli_predict_json_in_a_subprocess(trained):
 
 def test_cli_predict_text_output(trained, capsys):
     assert main(["predict", str(trained["run"]), str(trained["single"]), "--top-k", "2"]) == 0
-    line = capsys.readouterr().out.strip()
+    captured = capsys.readouterr()
+    line = captured.out.strip()
+    assert re.fullmatch(r"predicted 1 images in \d+\.\d\d s \(\d+\.\d images/s\)\n", captured.err), captured.err
     assert re.fullmatch(re.escape(str(trained["single"])) + r": (zero|one|two|three) [01]\.\d{3}, "
                         r"(zero|one|two|three) [01]\.\d{3}", line), line
 

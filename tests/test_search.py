@@ -237,6 +237,8 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
     assert out["config"] == str(config_file) and config_file.is_file() and board_file.is_file()
     board = out["search"]
     assert [s["candidate"] for s in board["not_buildable"]] == ["timm:not_timm.v1"]
+    if "handcrafted" in Engine.from_plugins().registry.names("backbone"):  # its plugin joins the default candidates
+        assert any(r["backbones"] == ["handcrafted"] for r in board["leaderboard"])
     assert any(r["winner"] for r in board["leaderboard"]) and board["winner_config"] == json.loads(config_file.read_text())
     assert all(r["held_out"] is not None for r in board["leaderboard"] if r["cv_mean"] is not None)
 

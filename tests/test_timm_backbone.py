@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fusion_engine import ConfigError, Engine, WeightsError
 
@@ -73,6 +74,33 @@ def test_weights_by_index_name(engine, shared_dir, mobilenet_file, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model.branches[0](normalised), reference_mobilenet(mobilenet_file)(normalised),
                                    atol=1e-5, rtol=0)
+
+
+def test_mobilenet_v1_widths_timm_does_not_register(engine, shared_dir, monkeypatch):
+    if not (shared_dir / "weights" / "mobilenetv1_025.tf1_quant_in1k.safetensors").is_file():
+        pytest.skip("../shared/weights has no MobileNetV1 0.25 weights")
+    from timm.models.efficientnet import _gen_mobilenet_v1
+
+    monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(shared_dir / "weights"))
+    model = engine.build({"backbones": [{"name": "timm", "weights": "mobilenetv1_025.tf1_quant_in1k"}],
+                          "num_classes": 2}).eval()
+    backbone = model.branches[0].backbone
+    assert backbone.data_config["input_size"] == (3, 128, 128)
+    assert backbone.rebuild_options["model"] == "mobilenetv1_025"
+    reference = _gen_mobilenet_v1("mobilenetv1_100", channel_multiplier=0.25, pad_type="same", num_classes=0)
+    state = load_file(shared_dir / "weights" / "mobilenetv1_025.tf1_quant_in1k.safetensors")
+    reference.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier")})
+    images = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        expected = reference.eval()(images)
+        torch.testing.assert_close(model.branches[0](images), expected, atol=1e-5, rtol=0)
+    assert expected.shape == (2, 256) and expected.abs().max() > 0.1
+    # rebuilt from its saved options alone (as an artifact is), the same network comes back
+    rebuilt = engine.build({"backbones": [{"name": "timm", **backbone.rebuild_options}], "num_classes": 2})
+    assert rebuilt.branches[0].backbone.model.num_features == 256
+
+    with pytest.raises(ConfigError, match="unknown timm model 'mobilenetv1_0x'"):
+        engine.build({"backbones": [{"name": "timm", "model": "mobilenetv1_0x"}], "num_classes": 2})
 
 
 def test_missing_weights_file(engine, tmp_path):

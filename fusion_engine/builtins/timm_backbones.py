@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -104,6 +105,42 @@ class TimmBackbone(nn.Module):
         return stages
 
 
+def _width_variant(model: str) -> float | None:
+    """The width multiplier of a MobileNetV1 name timm does not register (``mobilenetv1_025`` -> 0.25)."""
+    match = re.fullmatch(r"mobilenetv1_(\d{3})", model)
+    return int(match.group(1)) / 100 if match else None
+
+
+def _indexed_model_name(weights: str, architecture: str) -> str:
+    """The timm model an index entry is for: ``timm:NAME``, or a width variant named by the weights."""
+    if architecture.startswith("timm:"):
+        return architecture.split(":", 1)[1]
+    base = weights.split(".", 1)[0]
+    if architecture.startswith("timm ") and _width_variant(base):
+        return base
+    raise ConfigError(f"weights '{weights}' are for '{architecture}', not a timm model fusion-engine can build")
+
+
+def _create_model(model: str, model_kwargs: dict) -> nn.Module:
+    """``timm.create_model`` without a classifier; MobileNetV1 widths other than 1.0 too."""
+    import timm
+
+    if model not in timm.list_models() and _width_variant(model):
+        from timm.models.efficientnet import _gen_mobilenet_v1  # timm registers width 1.0 only
+
+        return _gen_mobilenet_v1(model, channel_multiplier=_width_variant(model), num_classes=0,
+                                 pretrained_cfg=timm.models.get_pretrained_cfg("mobilenetv1_100"), **model_kwargs)
+    try:
+        return timm.create_model(model, pretrained=False, num_classes=0, **model_kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        from fusion_engine.registry import suggest
+
+        raise ConfigError(f"unknown timm model '{model}'{suggest(model, timm.list_models())}. "
+                          "See timm.list_models() for valid names.") from None
+
+
 def timm_backbone(
     model: str | None = None,
     pretrained: bool = False,
@@ -125,10 +162,7 @@ def timm_backbone(
         raise WeightsError(f"weights file {weights} does not exist, and '{weights}' is not a name in the "
                            f"index.json of a folder given by --weights-dir / {ENV_VAR}")
     if entry is not None:
-        arch = entry.get("architecture", "")
-        if not arch.startswith("timm:"):
-            raise ConfigError(f"weights '{weights}' are for '{arch}', not a timm model")
-        model = model or arch.split(":", 1)[1]
+        model = model or _indexed_model_name(weights, entry.get("architecture", ""))
         model_kwargs = {**entry.get("timm_kwargs", {}), **model_kwargs}
         mean = mean or entry.get("mean")
         std = std or entry.get("std")
@@ -137,15 +171,7 @@ def timm_backbone(
         weights = entry["path"]
     if not model:
         raise ConfigError("timm backbone needs 'model' (a timm model name such as 'resnet50') or indexed 'weights'")
-    try:
-        net = timm.create_model(model, pretrained=False, num_classes=0, **model_kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" not in str(exc):
-            raise
-        from fusion_engine.registry import suggest
-
-        raise ConfigError(f"unknown timm model '{model}'{suggest(model, timm.list_models())}. "
-                          "See timm.list_models() for valid names.") from None
+    net = _create_model(model, model_kwargs)
     if weights:
         if not Path(weights).is_file():
             raise WeightsError(f"weights file {weights} does not exist")

@@ -1,0 +1,113 @@
+"""Inference runtimes (eager, channels_last, bf16, compile) agree with the model; ``fusion-engine bench``
+measures each in its own process; extraction runs channels_last on the CPU and gives the same features."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fusion_engine import ConfigError, Engine
+from fusion_engine.cli import main
+from fusion_engine.features import FeatureCache, make_loader
+from fusion_engine.runtimes import RUNTIMES, fast_memory_format, make_runner
+
+CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32},
+                        {"name": "timm", "model": "test_efficientnet", "input_size": 24}], "fusion": "concat"}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_plugins()
+
+
+@pytest.fixture
+def model(engine):
+    torch.manual_seed(0)
+    return engine.build(CONFIG, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("runtime, atol", [("eager", 0), ("channels_last", 1e-4), ("bf16", 0.15),
+                                           ("bf16_channels_last", 0.15)])
+def test_runtimes_agree_with_the_model(model, runtime, atol):
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(images)
+    got = make_runner(model, runtime)(images)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
+                    reason="the onnx runtime needs fusion-engine[onnx]")
+def test_onnx_runtime_agrees_with_the_model(model):
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = model(images)
+    run = make_runner(model, "onnx", example=images)
+    torch.testing.assert_close(run(images), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(run(images[:1]), expected[:1], atol=1e-4, rtol=0)  # another batch size
+
+
+def test_unknown_runtime_lists_the_valid_ones(model):
+    with pytest.raises(ConfigError, match="unknown runtime 'fast'; valid: " + ", ".join(RUNTIMES)):
+        make_runner(model, "fast")
+
+
+def test_extraction_runs_channels_last_on_the_cpu_and_restores_the_model(model):
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with fast_memory_format(model, "cpu") as memory_format:
+        assert memory_format is torch.channels_last
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert conv.weight.is_contiguous()
+    with torch.inference_mode(), fast_memory_format(model, "cpu"):  # as extraction uses it
+        pass
+    assert not conv.weight.is_inference()
+    conv.weight.requires_grad_(True)  # fine-tuning after a frozen extraction still works
+    with fast_memory_format(model, "cuda") as memory_format:  # slower on GPUs: nothing changes there
+        assert memory_format is torch.contiguous_format and conv.weight.is_contiguous()
+    with fast_memory_format(torch.nn.Linear(3, 2), "cpu") as memory_format:
+        assert memory_format is torch.contiguous_format
+
+
+def test_channels_last_extraction_gives_the_features_of_nchw(model, digits_split):
+    train, _ = digits_split
+    part = train.subset(list(range(40)))
+    features = FeatureCache(enabled=False).features(model, part, batch_size=16, progress=False)
+    images = torch.cat([x for x, _ in make_loader(part, model, 64)])  # as extraction batches them, NCHW
+    with torch.inference_mode():
+        reference = model.branch_features(images)
+    for got, expected in zip(features, reference):
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, engine, digits_split, train_and_save):
+    return train_and_save(engine, CONFIG, digits_split[0], tmp_path_factory.mktemp("bench") / "run", epochs=5, lr=1e-2)
+
+
+def test_bench_measures_each_runtime_with_accuracy(run_dir, digits_split, tmp_path, capsys):
+    _, test = digits_split
+    data = tmp_path / "test.npz"
+    np.savez(data, x=test.images.permute(0, 2, 3, 1).numpy(), y=test.targets, classes=np.asarray(test.classes))
+    code = main(["bench", str(run_dir), "--runtime", "eager", "--runtime", "bf16", "--batch-size", "8",
+                 "--iterations", "3", "--threads", "1", "--data", str(data), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["runtime"] for r in rows] == ["eager", "bf16"]
+    for row in rows:
+        assert row["images_per_second"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"] and row["peak_rss_mb"] > 50
+        assert 0.5 < row["accuracy"] <= 1  # the trained model on held-out digits, not chance (0.1)
+    assert abs(rows[0]["accuracy"] - rows[1]["accuracy"]) <= 0.02
+
+
+def test_bench_table_and_unknown_runtime(run_dir, capsys):
+    assert main(["bench", str(run_dir), "--runtime", "eager", "--batch-size", "4", "--iterations", "2"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["runtime", "images/s", "p50", "ms", "p95", "ms", "peak", "MB", "accuracy"]
+    assert table.splitlines()[1].startswith("eager") and "(1.00x)" in table
+    assert main(["bench", str(run_dir), "--runtime", "turbo"]) != 0
+    assert "unknown runtime ['turbo']; valid: eager, channels_last" in capsys.readouterr().err
