@@ -5,7 +5,8 @@
 Trains (frozen, concat; the feature cache of benchmarks/transfer.py is reused when --cache-dir
 points at it) tf1 + tf2 ImageNet and iNat-birds MobileNetV2 on the 6000 CIFAR-10 JPEG training
 images of the seeded split, saves it, and runs ``fusion-engine bench`` on it: every runtime in
-its own process, same batch and threads, accuracy on the 2000 held-out images.
+its own process, same batch and threads, accuracy on the held-out images (all 2000, or a
+stratified subset: --accuracy-images).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from shared_data import add_split_arguments, held_out_split
 from fusion_engine import Engine
 from fusion_engine.artifacts import save
 from fusion_engine.bench import benchmark, format_results
+from fusion_engine.data import stratified_split
 
 BRANCHES = ["mobilenetv2_100.tf1_quant_in1k", "mobilenetv2_100.tf2_ptq_in1k", "mobilenetv2_100.tf1_quant_inat_bird"]
 RUNTIMES = ["eager", "channels_last", "bf16", "bf16_channels_last", "compile", "onnx"]
@@ -34,6 +36,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accuracy-images", type=int, default=2000,
+                        help="score accuracy on a stratified subset of this many held-out images")
     parser.add_argument("--out", help="folder for the model and the held-out npz (default: a temporary one)")
     args = parser.parse_args()
     data, train, test = held_out_split(args)
@@ -45,13 +49,15 @@ def main() -> int:
               seed=args.seed, baselines=False)
     folder = Path(args.out or tempfile.mkdtemp(prefix="fusion-engine-runtimes-"))
     save(model, folder / "run", engine=engine)
+    if args.accuracy_images < len(test):
+        test = stratified_split(test, args.accuracy_images, args.seed)[1]
     np.savez(folder / "test.npz", x=test.images.permute(0, 2, 3, 1).numpy(), y=test.targets,
              classes=np.asarray(test.classes))
     results = benchmark(folder / "run", args.runtime or RUNTIMES, batch_size=args.batch_size,
                         iterations=args.iterations, threads=args.threads, data=str(folder / "test.npz"))
     print(format_results(results))
     base = results[0]
-    print(f"\n{len(train)} train / {len(test)} held-out {args.dataset} images; batch {args.batch_size}, "
+    print(f"\n{len(train)} train images; accuracy on {len(test)} held-out {args.dataset} images; batch {args.batch_size}, "
           f"{args.threads} threads, {args.iterations} timed batches per runtime\n\n"
           "| runtime | images/s | vs eager | p50 ms | p95 ms | peak RSS MB | held-out accuracy | change |\n"
           "|---|---|---|---|---|---|---|---|")

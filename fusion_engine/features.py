@@ -133,8 +133,11 @@ class FeatureCache:
     def features(self, model, dataset, *, batch_size: int = 64, num_workers: int = 0, device="cpu",
                  progress: bool = True) -> list[np.ndarray]:
         """One (N, D_i) array per branch (memory-mapped when cached); one pass extracts all missing."""
-        digest = dataset.digest()
-        keys = [branch_key(model, i, digest) for i in range(len(model.branches))]
+        if self.enabled:
+            digest = dataset.digest()
+            keys = [branch_key(model, i, digest) for i in range(len(model.branches))]
+        else:  # nothing is looked up or stored: skip hashing the images and the weights
+            keys = [""] * len(model.branches)
         shapes = [(len(dataset), b.feature_dim) for b in model.branches]
 
         def fill(indices, buffers):
