@@ -89,7 +89,7 @@ def main() -> int:
             json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
     base = rows["raw timm forward, 1 process, channels_last (as extraction runs on the CPU)"]
     print(f"{args.images} images 32 px -> mobilenetv2_100 at 160 px, batch 32, 1 thread per process, "
-          f"{os.cpu_count()} cores\n\n| run | images/s | vs raw 1 process |\n|---|---|---|")
+          f"{os.cpu_count()} cores\n\n| run | images/s | vs raw channels_last, 1 process |\n|---|---|---|")
     for name, speed in rows.items():
         print(f"| {name} | {speed:.1f} | {speed / base:.2f}x |")
     return 0

@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
         "mode": args.mode, "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
         "backbone_lr": args.backbone_lr, "unfreeze": args.unfreeze, "augment": not args.no_augment,
         "mixup": args.mixup, "cutmix": args.cutmix, "precision": args.precision, "num_workers": args.workers, "device": args.device,
-        "val_fraction": args.val_fraction}.items() if v is not None}
+        "val_fraction": args.val_fraction, "extract_runtime": args.extract_runtime}.items() if v is not None}
     train_config = TrainConfig(**overrides)
     torch.manual_seed(args.seed)  # random-init branches are reproducible too
     model = engine.build(config, class_names=data.classes)
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="finetune without data augmentation")
     p.add_argument("--mixup", type=float, help="finetune: mixup alpha")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="finetune in bfloat16 autocast (default fp32)")
+    p.add_argument("--extract-runtime", choices=["torch", "bf16", "onnx"],
+                   help="frozen-mode feature extraction: torch (default; channels_last on the CPU), bf16 autocast, or "
+                        "onnx (onnxruntime, CPU: several times faster there; needs fusion-engine[onnx])")
     p.add_argument("--cutmix", type=float, help="finetune: cutmix alpha")
     p.add_argument("--resume", action="store_true", help="finetune: continue from RUN_DIR.checkpoint")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")

@@ -120,20 +120,21 @@ def parity(model, path, images: torch.Tensor, batch_size: int = 32) -> dict:
     return {"images": len(images), "max_abs_diff": max(diffs), "top1_agreement": agree / len(images)}
 
 
-def _export_graph(model, path, contract: dict, opset: int = OPSET) -> None:
-    """torch.onnx.export (dynamo) of model + softmax at the contract's fixed size, dynamic batch."""
-    _, channels, height, width = contract["shape"]
-    example = torch.rand(2, channels, height, width, generator=torch.Generator().manual_seed(0))
+def _export_graph(module: nn.Module, path, example: torch.Tensor, output_names, opset: int = OPSET) -> None:
+    """torch.onnx.export (dynamo) of ``module`` at ``example``'s fixed size, dynamic batch."""
     log = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             warnings.simplefilter("ignore")
-            torch.onnx.export(_WithProbabilities(model), (example,), str(path), input_names=[INPUT_NAME],
-                              output_names=list(OUTPUT_NAMES),
+            torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=list(output_names),
                               dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=65536)}},
                               opset_version=opset, dynamo=True, external_data=False, verbose=False)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from None
+
+
+def _example(channels: int, height: int, width: int) -> torch.Tensor:
+    return torch.rand(2, channels, height, width, generator=torch.Generator().manual_seed(0))
 
 
 def write_onnx(model, path, contract: dict, *, opset: int = OPSET, source: dict | None = None) -> None:
@@ -146,7 +147,7 @@ def write_onnx(model, path, contract: dict, *, opset: int = OPSET, source: dict 
     if any(s["method"] == "int8" for s in steps(model)):
         raise ExportError("int8 models cannot be exported to ONNX (torch's dynamic int8 layers have no ONNX form); "
                           "export the float model and quantise the ONNX file with onnxruntime.quantization if needed")
-    _export_graph(model, path, contract, opset)
+    _export_graph(_WithProbabilities(model), path, _example(*contract["shape"][1:]), OUTPUT_NAMES, opset)
     proto = onnx.load(str(path))
     metadata = {"class_names": model.class_names, "input": contract,
                 "outputs": {"logits": ["batch", model.num_classes], "probabilities": ["batch", model.num_classes]},
@@ -198,6 +199,35 @@ def session_for(model, input_size=None):
         path = Path(folder) / "model.onnx"
         write_onnx(model, path, contract)
         return _session(path)
+
+
+class _BranchFeatures(nn.Module):
+    def __init__(self, model, indices: list[int]):
+        super().__init__()
+        self.model, self.indices = model, list(indices)
+
+    def forward(self, images):
+        return tuple(self.model.branch_features(images, self.indices))
+
+
+def features_runner(model, indices: list[int], size: tuple[int, int]):
+    """``run(images) -> [features of branch i for i in indices]`` with onnxruntime: the branches'
+    preprocessing, backbones and extractors exported once at ``size`` (3-channel input; grey batches
+    are repeated to 3 channels, as the branches' own preprocessing does)."""
+    import tempfile
+
+    _require("onnx", "onnxruntime", "onnxscript")
+    names = [f"features_{i}" for i in indices]
+    with tempfile.TemporaryDirectory(prefix="fusion-engine-onnx-") as folder:
+        path = Path(folder) / "features.onnx"
+        _export_graph(_BranchFeatures(model.eval(), indices), path, _example(3, *size), names)
+        session = _session(path)
+
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        x = _to_channels(images.detach().float().cpu(), 3).numpy()
+        return [torch.from_numpy(a) for a in session.run(names, {INPUT_NAME: x})]
+
+    return run
 
 
 def onnx_runner(model, example=None):

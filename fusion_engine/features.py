@@ -8,6 +8,7 @@ bounded whatever the dataset size, and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -21,11 +22,12 @@ import torch
 
 from . import distributed
 from .data import collate_images
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .progress import Progress
-from .runtimes import fast_memory_format
+from .runtimes import autocast, fast_memory_format
 
 CACHE_VERSION = "features-v1"
+EXTRACT_RUNTIMES = ("torch", "bf16", "onnx")
 
 
 def default_cache_dir() -> Path:
@@ -47,8 +49,8 @@ def tensors_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def branch_key(model, index: int, data_digest: str) -> str:
-    """Cache key of one branch's features on one dataset."""
+def branch_key(model, index: int, data_digest: str, runtime: str = "torch") -> str:
+    """Cache key of one branch's features on one dataset (and the extraction runtime, unless torch)."""
     branch = model.branches[index]
     spec = model.config.backbones[index]
     parts = {
@@ -60,6 +62,8 @@ def branch_key(model, index: int, data_digest: str) -> str:
         # images are batched at the largest branch input size, so it shapes every branch's input too
         "loader_input_size": list(input_size_for(model)),
     }
+    if runtime != "torch":  # bf16 features differ from float32 ones; onnxruntime's agree to ~1e-5
+        parts["runtime"] = runtime
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -79,9 +83,13 @@ def make_loader(dataset, model, batch_size: int, num_workers: int = 0, shuffle=F
 class FeatureCache:
     """Feature arrays on disk, filled once; ``stats`` counts hits and extractions."""
 
-    def __init__(self, directory=None, enabled: bool = True):
+    def __init__(self, directory=None, enabled: bool = True, runtime: str = "torch"):
+        if runtime not in EXTRACT_RUNTIMES:
+            raise ConfigError(f"unknown extraction runtime '{runtime}'; valid: {', '.join(EXTRACT_RUNTIMES)}")
         self.directory = Path(directory) if directory else default_cache_dir()
         self.enabled = enabled
+        self.runtime = runtime
+        self.onnx_runners: dict = {}  # one export per model, branches and weights, reused by later calls
         self.stats = {"hits": 0, "extracted": 0, "extract_seconds": 0.0}
 
     def path(self, key: str) -> Path:
@@ -135,14 +143,15 @@ class FeatureCache:
         """One (N, D_i) array per branch (memory-mapped when cached); one pass extracts all missing."""
         if self.enabled:
             digest = dataset.digest()
-            keys = [branch_key(model, i, digest) for i in range(len(model.branches))]
+            keys = [branch_key(model, i, digest, self.runtime) for i in range(len(model.branches))]
         else:  # nothing is looked up or stored: skip hashing the images and the weights
             keys = [""] * len(model.branches)
         shapes = [(len(dataset), b.feature_dim) for b in model.branches]
 
         def fill(indices, buffers):
             loader = make_loader(dataset, model, batch_size, num_workers)
-            run_branches(model, loader, indices, buffers, device, Progress(len(dataset), "extracting features", progress))
+            run_branches(model, loader, indices, buffers, device, Progress(len(dataset), "extracting features", progress),
+                         self.runtime, self.onnx_runners)
 
         if not distributed.active():
             return self.arrays(keys, shapes, fill)
@@ -172,7 +181,8 @@ class FeatureCache:
         start = time.perf_counter()
         loader = make_loader(dataset.subset(list(part)), model, batch_size, num_workers)
         run_branches(model, loader, missing, buffers, device,
-                     Progress(len(part), f"extracting features (rank {me}/{world})", progress and me == 0))
+                     Progress(len(part), f"extracting features (rank {me}/{world})", progress and me == 0), self.runtime,
+                     self.onnx_runners)
         for buffer in buffers:
             buffer.flush()
         del buffers
@@ -198,13 +208,30 @@ class FeatureCache:
 
 
 @torch.inference_mode()
-def run_branches(model, loader, indices, outputs, device, progress) -> None:
-    """Fill ``outputs[j]`` with branch ``indices[j]``'s features, batch by batch."""
+def run_branches(model, loader, indices, outputs, device, progress, runtime: str = "torch",
+                 onnx_runners: dict | None = None) -> None:
+    """Fill ``outputs[j]`` with branch ``indices[j]``'s features, batch by batch, with ``runtime``:
+    torch (float32; channels_last on the CPU), bf16 (bfloat16 autocast) or onnx (onnxruntime, CPU;
+    the exported graph is kept in ``onnx_runners`` for the same model, branches and weights)."""
     model.eval()
-    row = 0
-    with fast_memory_format(model, device) as memory_format:
+    with contextlib.ExitStack() as stack:
+        if runtime == "onnx":
+            from .export import features_runner
+
+            onnx_runners = {} if onnx_runners is None else onnx_runners
+            key = (id(model), tuple(indices), tuple(tensors_digest(model.branches[i]) for i in indices))
+            if key not in onnx_runners:
+                onnx_runners[key] = features_runner(model, indices, input_size_for(model))
+            run = onnx_runners[key]
+        else:
+            memory_format = stack.enter_context(fast_memory_format(model, device))
+            stack.enter_context(autocast(device, "bf16" if runtime == "bf16" else "fp32"))
+
+            def run(images):
+                return model.branch_features(images.to(device).contiguous(memory_format=memory_format), indices)
+        row = 0
         for images, _ in loader:
-            features = model.branch_features(images.to(device).contiguous(memory_format=memory_format), indices)
+            features = run(images)
             for out, f in zip(outputs, features):
                 out[row:row + len(images)] = f.float().cpu().numpy()
             row += len(images)

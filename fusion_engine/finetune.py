@@ -8,7 +8,6 @@ import functools
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

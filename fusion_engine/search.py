@@ -793,7 +793,7 @@ def search(train, candidates=None, *, test=None, engine=None, config: SearchConf
     train = load_dataset(train)
     seed_everything(train_config.seed)
     parts = list(stratified_split(train, train_config.val_fraction, train_config.seed))  # fit()'s split
-    cache = FeatureCache(cache_dir, enabled=use_cache)
+    cache = FeatureCache(cache_dir, enabled=use_cache, runtime=train_config.extract_runtime)  # as fit() extracts
     log(f"search: {len(specs)} candidate backbones, {len(fusion_list)} fusion settings "
         f"({', '.join(fusion_label(f['name'], {k: v for k, v in f.items() if k != 'name'}) for f in fusion_list)}); "
         f"{len(train)} training images, {config.folds}-fold CV")
@@ -876,7 +876,8 @@ def run_search(args) -> int:
     data, train_data, test_data = load_train_test(args, log, " (the search sees only these)")
     overrides = {k: v for k, v in {
         "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
-        "num_workers": args.workers, "device": args.device, "val_fraction": args.val_fraction}.items() if v is not None}
+        "num_workers": args.workers, "device": args.device, "val_fraction": args.val_fraction,
+        "extract_runtime": args.extract_runtime}.items() if v is not None}
     train_config = TrainConfig(**overrides)
     search_overrides = {k: v for k, v in {"time_budget": args.time_budget, "max_branches": args.max_branches,
                                           "folds": args.folds, "epochs": args.search_epochs,

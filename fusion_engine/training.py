@@ -44,6 +44,9 @@ class TrainConfig(BaseModel):
     augment: bool = True
     mixup: float = Field(default=0.0, ge=0, description="finetune: mixup alpha (0: off)")
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: bfloat16 autocast (finetune)")
+    extract_runtime: Literal["torch", "bf16", "onnx"] = Field(default="torch", description=(
+        "frozen-mode feature extraction: torch (float32, channels_last on the CPU), bf16 (bfloat16 autocast) or "
+        "onnx (onnxruntime on the CPU; needs fusion-engine[onnx])"))
     cutmix: float = Field(default=0.0, ge=0, description="finetune: cutmix alpha (0: off)")
     grad_clip: float | None = Field(default=1.0, gt=0)
     num_workers: int = Field(default=0, ge=0)
@@ -88,7 +91,7 @@ def fit(model, train, val=None, *, config: TrainConfig | None = None, cache_dir=
     seed_everything(config.seed)
     device = resolve_device(config.device)
     train_ds, val_ds = prepare_data(model, train, val, config)
-    cache = FeatureCache(cache_dir, enabled=use_cache)
+    cache = FeatureCache(cache_dir, enabled=use_cache, runtime=config.extract_runtime)
     history: dict = {"mode": config.mode, "n_train": len(train_ds), "n_val": len(val_ds), "config": config.model_dump()}
     start = time.perf_counter()
     if config.mode == "finetune":

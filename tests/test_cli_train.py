@@ -130,6 +130,14 @@ def test_second_run_reads_the_feature_cache_and_trains_the_same_model(ws, traine
     assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
 
 
+def test_extract_runtime_bf16_extracts_under_its_own_cache_keys(ws, trained, capsys):
+    assert main(train_args(ws, ws / "run-bf16", "--json", "--extract-runtime", "bf16")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["history"]["config"]["extract_runtime"] == "bf16"
+    assert result["history"]["cache"]["extracted"] == 4  # the float32 features of `trained` are not reused
+    assert abs(result["accuracy"] - trained["result"]["accuracy"]) <= 0.1  # 40 held-out images: 4 may differ
+
+
 def test_evaluate_text_table_and_classes_mapped_by_name(ws, trained, capsys, tmp_path):
     assert main(["evaluate", str(trained["run"]), "--data", str(ws / "test"), "--cache-dir", str(ws / "cache"),
                  "-q"]) == 0

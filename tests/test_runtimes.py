@@ -111,3 +111,39 @@ def test_bench_table_and_unknown_runtime(run_dir, capsys):
     assert table.splitlines()[1].startswith("eager") and "(1.00x)" in table
     assert main(["bench", str(run_dir), "--runtime", "turbo"]) != 0
     assert "unknown runtime ['turbo']; valid: eager, channels_last" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("runtime, atol", [("bf16", 0.05), ("onnx", 1e-4)])
+def test_extraction_runtimes_give_the_features_of_torch_under_their_own_cache_key(model, digits_split, runtime, atol,
+                                                                                   tmp_path):
+    if runtime == "onnx" and any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")):
+        pytest.skip("onnx extraction needs fusion-engine[onnx]")
+    part = digits_split[0].subset(list(range(48)))
+    reference = FeatureCache(tmp_path, runtime="torch").features(model, part, batch_size=16, progress=False)
+    cache = FeatureCache(tmp_path, runtime=runtime)
+    features = cache.features(model, part, batch_size=16, progress=False)
+    assert cache.stats["hits"] == 0 and cache.stats["extracted"] == 2  # not torch's entries
+    for got, expected in zip(features, reference):
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(got, expected, atol=atol * max(scale, 1.0), rtol=0)
+    again = FeatureCache(tmp_path, runtime=runtime)
+    again.features(model, part, batch_size=16, progress=False)
+    assert again.stats["hits"] == 2 and len(list(tmp_path.glob("*.npy"))) == 4
+    if runtime == "onnx":  # another dataset through the same cache object: the exported graph is reused
+        cache.features(model, digits_split[1].subset(list(range(20))), batch_size=16, progress=False)
+        assert cache.stats["extracted"] == 4 and len(cache.onnx_runners) == 1
+
+
+def test_unknown_extraction_runtime_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown extraction runtime 'tpu'; valid: torch, bf16, onnx"):
+        FeatureCache(enabled=False, runtime="tpu")
+
+
+def test_fit_with_bf16_extraction_trains_a_working_model(engine, digits_split, tmp_path):
+    train, test = digits_split
+    torch.manual_seed(0)
+    model = engine.build(CONFIG, class_names=train.classes)
+    history = model.fit(train, extract_runtime="bf16", epochs=15, lr=1e-2, baselines=False, cache_dir=tmp_path,
+                        progress=False, log=lambda *a, **k: None)
+    assert history["config"]["extract_runtime"] == "bf16"
+    assert model.evaluate(test, progress=False, cache=FeatureCache(tmp_path))["accuracy"] > 0.5
