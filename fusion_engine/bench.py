@@ -75,18 +75,29 @@ def benchmark(run_dir, runtimes, *, batch_size: int = 32, iterations: int = 20, 
     return results
 
 
+ACCURACY_TOLERANCE = 0.005  # a runtime whose top-1 moves more than this from the first runtime's is flagged
+
+
 def format_results(results: list[dict]) -> str:
+    """A table, speed relative to the first runtime; accuracy changes beyond 0.5 points are flagged."""
     lines = [f"{'runtime':<20}{'images/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'peak MB':>10}{'accuracy':>10}"]
-    base = next((r["images_per_second"] for r in results if "images_per_second" in r), None)
+    base = next((r for r in results if "images_per_second" in r), None)
+    notes = []
     for r in results:
         if "error" in r:
             lines.append(f"{r['runtime']:<20}failed: {r['error']}")
             continue
         acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
-        speed = f" ({r['images_per_second'] / base:.2f}x)" if base else ""
+        speed = f" ({r['images_per_second'] / base['images_per_second']:.2f}x)" if base else ""
+        if "accuracy" in r and "accuracy" in base and r is not base:
+            change = r["accuracy"] - base["accuracy"]
+            speed += f" {100 * change:+.2f} pt"
+            if abs(change) > ACCURACY_TOLERANCE:
+                notes.append(f"note: {r['runtime']} changes top-1 by {100 * change:+.2f} points vs {base['runtime']} "
+                             f"(more than {100 * ACCURACY_TOLERANCE:.1f}); check it on your own held-out data")
         lines.append(f"{r['runtime']:<20}{r['images_per_second']:>10.1f}{r['p50_ms']:>10.1f}{r['p95_ms']:>10.1f}"
                      f"{r['peak_rss_mb']:>10.0f}{acc:>10}{speed}")
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def cmd_bench(args) -> int:

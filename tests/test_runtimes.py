@@ -147,3 +147,18 @@ def test_fit_with_bf16_extraction_trains_a_working_model(engine, digits_split, t
                         progress=False, log=lambda *a, **k: None)
     assert history["config"]["extract_runtime"] == "bf16"
     assert model.evaluate(test, progress=False, cache=FeatureCache(tmp_path))["accuracy"] > 0.5
+
+
+def test_bench_table_flags_a_runtime_that_moves_top1_more_than_half_a_point():
+    from fusion_engine.bench import format_results
+
+    row = {"p50_ms": 10.0, "p95_ms": 12.0, "peak_rss_mb": 500}
+    table = format_results([{"runtime": "eager", "images_per_second": 10.0, "accuracy": 0.764, **row},
+                            {"runtime": "channels_last", "images_per_second": 18.0, "accuracy": 0.762, **row},
+                            {"runtime": "bf16", "images_per_second": 34.0, "accuracy": 0.758, **row},
+                            {"runtime": "onnx", "error": "ExportError: no"}])
+    lines = table.splitlines()
+    assert lines[2].endswith("0.7620 (1.80x) -0.20 pt") and lines[3].endswith("0.7580 (3.40x) -0.60 pt")
+    assert lines[4] == "onnx                failed: ExportError: no"
+    assert lines[5:] == ["note: bf16 changes top-1 by -0.60 points vs eager (more than 0.5); check it on your own "
+                         "held-out data"]
