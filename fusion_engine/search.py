@@ -436,19 +436,16 @@ class Searcher:
 # ---------------------------------------------------------------------------- extraction
 
 
-def _throughput(model, dataset, n: int, batch_size: int, device) -> float:
-    """Images per second through the model's branches on the first ``n`` images (features discarded)."""
-    import torch
-
-    from .features import make_loader
+def _throughput(model, dataset, n: int, batch_size: int, device, runtime: str = "torch") -> float:
+    """Images per second of extraction on the first ``n`` images: the FeatureCache path with
+    ``runtime`` (as an uncached candidate is timed), after a one-image warm-up, nothing stored."""
+    from .features import FeatureCache
 
     subset = dataset.subset(np.arange(min(n, len(dataset))))
-    loader = make_loader(subset, model, batch_size)
-    model.to(device).eval()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for images, _ in loader:
-            model.branch_features(images.to(device))
+    probe = FeatureCache(enabled=False, runtime=runtime)
+    probe.features(model, subset.subset([0]), batch_size=batch_size, device=device, progress=False)  # warm-up
+    start = time.perf_counter()
+    probe.features(model, subset, batch_size=batch_size, device=device, progress=False)
     return len(subset) / max(time.perf_counter() - start, 1e-9)
 
 
@@ -503,7 +500,7 @@ def extract_candidates(engine, specs: list, parts: list, class_names, cache, *, 
             n_images = sum(len(p) for p in parts)  # a partly cached candidate: an estimate, rate of the pass
             rate = n_images / max(cache.stats["extract_seconds"] - before["extract_seconds"], 1e-9)
         else:
-            rate = _throughput(model, parts[0], throughput_images, batch_size, device)
+            rate = _throughput(model, parts[0], throughput_images, batch_size, device, cache.runtime)
         model.to("cpu")
         candidates.append(Candidate(label=label, spec=spec, dim=int(model.branches[0].feature_dim),
                                     parameters=sum(p.numel() for p in model.branches[0].parameters()),

@@ -130,6 +130,9 @@ def test_selection_never_reads_the_test_split(engine, digits, tmp_path, monkeypa
     leaked = search(train, [FULL, LEFT], test=poisoned, **options)
 
     assert clean.winner["backbones"] == ["full"] == leaked.winner["backbones"]  # the whole image, both times
+    # the second search reads the first one's features; extraction speed is then timed on the extraction path
+    assert all(c.cached and c.images_per_second > 0 for c in leaked._candidates)
+    assert not any(c.cached for c in clean._candidates)
     assert clean.winner_config == leaked.winner_config
     cv = lambda result: {r["candidate"]: r["cv_folds"] for r in result.rows}  # noqa: E731
     assert cv(clean) == cv(leaked)
