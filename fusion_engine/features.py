@@ -218,6 +218,10 @@ def run_branches(model, loader, indices, outputs, device, progress, runtime: str
         if runtime == "onnx":
             from .export import features_runner
 
+            if torch.device(device).type != "cpu":
+                raise ConfigError(f"extraction runtime 'onnx' runs on the CPU, not on {device}; use 'torch' or 'bf16' "
+                                  "there (--extract-runtime)")
+
             onnx_runners = {} if onnx_runners is None else onnx_runners
             key = (id(model), tuple(indices), tuple(tensors_digest(model.branches[i]) for i in indices))
             if key not in onnx_runners:

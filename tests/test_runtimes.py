@@ -134,9 +134,12 @@ def test_extraction_runtimes_give_the_features_of_torch_under_their_own_cache_ke
         assert cache.stats["extracted"] == 4 and len(cache.onnx_runners) == 1
 
 
-def test_unknown_extraction_runtime_lists_the_valid_ones():
+def test_unknown_extraction_runtime_lists_the_valid_ones(model, digits_split):
     with pytest.raises(ConfigError, match="unknown extraction runtime 'tpu'; valid: torch, bf16, onnx"):
         FeatureCache(enabled=False, runtime="tpu")
+    with pytest.raises(ConfigError, match="'onnx' runs on the CPU, not on cuda"):
+        FeatureCache(enabled=False, runtime="onnx").features(model, digits_split[1].subset([0, 1]), device="cuda",
+                                                             progress=False)
 
 
 def test_fit_with_bf16_extraction_trains_a_working_model(engine, digits_split, tmp_path):
