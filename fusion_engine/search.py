@@ -96,13 +96,14 @@ class BudgetExhausted(Exception):
 # ---------------------------------------------------------------------------- candidates
 
 
-def load_candidates(source=None) -> tuple[list, dict[str, list[dict]] | None]:
+def load_candidates(source=None, index_extras=()) -> tuple[list, dict[str, list[dict]] | None]:
     """``(backbone specs, fusion grid or None)`` from a candidates file, a list, a dict, or None.
 
     A file (JSON or YAML) holds a list of backbone specs, or ``{"backbones": [...],
     "fusions": ...}`` where ``fusions`` is a list of names or a dict name -> list of option
     dicts. ``None`` (or no ``backbones`` key): every entry of the local weights index
-    (``--weights-dir`` / ``FUSION_ENGINE_WEIGHTS_DIR``), as ``{"name": "timm", "weights": NAME}``.
+    (``--weights-dir`` / ``FUSION_ENGINE_WEIGHTS_DIR``), as ``{"name": "timm", "weights": NAME}``,
+    followed by ``index_extras``.
     """
     if isinstance(source, (str, Path)):
         from .config import load_config_file
@@ -122,6 +123,7 @@ def load_candidates(source=None) -> tuple[list, dict[str, list[dict]] | None]:
         if not source:
             raise ConfigError(f"no candidate backbones: give a candidates file (--candidates) or a weights folder "
                               f"with an index.json (--weights-dir / {ENV_VAR})")
+        source += list(index_extras)
     if not isinstance(source, list) or not source:
         raise ConfigError("candidates: 'backbones' must be a non-empty list of backbone specs")
     return list(source), fusions
@@ -764,9 +766,9 @@ def search(train, candidates=None, *, test=None, engine=None, config: SearchConf
     config = SearchConfig.model_validate(config.model_dump())
     train_config = train_config or TrainConfig()
     engine = engine or Engine.from_plugins()
-    specs, file_fusions = load_candidates(candidates)
-    if candidates is None and "handcrafted" in engine.registry.names("backbone"):
-        specs.append({"name": "handcrafted"})  # as in the default model: classic features may fuse with deep ones
+    # as in the default model, classic features may fuse with deep ones: the handcrafted plugin joins the index
+    extras = [{"name": "handcrafted"}] if "handcrafted" in engine.registry.names("backbone") else []
+    specs, file_fusions = load_candidates(candidates, extras)
     grid = normalise_grid(fusions) or file_fusions or config.fusions or {
         c.name: DEFAULT_GRID.get(c.name, [{}]) for c in engine.components("fusion")}
     fusion_list, fusion_problems = [], []

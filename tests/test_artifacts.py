@@ -600,7 +600,7 @@ def test_encrypted_cli_with_key_file_and_environment(encrypted_run, capsys, monk
     code, out = cli(capsys, "verify", run)
     assert code == 0  # digests are checked on the ciphertext: no key needed to verify
     code, out = cli(capsys, "predict", run, "--json", *_image_files(small_digits, run.parent / "images"))
-    assert code == 0 and len(json.loads(out.strip().splitlines()[-1])) == 3
+    assert code == 0 and len(json.loads(next(line for line in out.splitlines() if line.startswith("[")))) == 3
 
 
 def test_encrypted_wrong_key(encrypted_run, engine, tmp_path, capsys, small_digits):

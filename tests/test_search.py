@@ -226,6 +226,7 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
     (weights / "index.json").write_text(json.dumps(index))
     monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(weights))
     assert [c["weights"] for c in load_candidates(None)[0]] == list(index)
+    assert load_candidates(None, [{"name": "hog"}])[0][-1] == {"name": "hog"}  # extras follow the index
     train, test = digits
     for name, part in (("train", train), ("test", test)):
         np.savez(tmp_path / f"{name}.npz", x=part.images.numpy(), y=part.targets, classes=np.array(part.classes))

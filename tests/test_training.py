@@ -142,7 +142,7 @@ def test_interrupted_extraction_leaves_no_partial_cache_file(engine, train_data,
 
     model = build(engine)
 
-    def half_then_interrupt(model, loader, indices, outputs, device, progress):
+    def half_then_interrupt(model, loader, indices, outputs, device, progress, *runtime):
         for out in outputs:
             out[: len(out) // 2] = 1.0
         raise KeyboardInterrupt
