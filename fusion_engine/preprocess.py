@@ -26,8 +26,9 @@ class Preprocess(nn.Module):
             self.interpolation = "bilinear"
         mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, -1, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        # (x - mean) / std as one multiply-add pass: x * scale + shift
+        self.register_buffer("scale", 1 / std, persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4:
@@ -40,7 +41,7 @@ class Preprocess(nn.Module):
             smooth = self.interpolation != "nearest"
             images = F.interpolate(images, size=self.size, mode=self.interpolation,
                                    align_corners=False if smooth else None, antialias=smooth)
-        return (images - self.mean) / self.std
+        return torch.addcmul(self.shift, images, self.scale)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, channels={self.channels}, interpolation={self.interpolation}"
