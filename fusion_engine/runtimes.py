@@ -26,7 +26,7 @@ def autocast(device, precision: str = "fp32"):
 @contextlib.contextmanager
 def fast_memory_format(model: torch.nn.Module, device):
     """Yield the memory format extraction should feed ``model``: channels_last for convolutional
-    models on the CPU (about 2x faster than NCHW for MobileNets and ResNets here; see
+    models on the CPU (1.3-1.8x faster than NCHW for ResNets and MobileNets here; see
     docs/benchmarks.md), with the model converted for the duration and restored afterwards;
     contiguous NCHW on GPUs (channels_last measured 4x slower there for depthwise convolutions)."""
     convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
