@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
     from .defaults import default_config
     from .features import FeatureCache
     from .metrics import format_report
-    from .training import TrainConfig, fit
+    from .training import fit
 
     from . import distributed
 
@@ -107,12 +107,7 @@ def cmd_train(args) -> int:
     log(f"backbones: {note}")
     data, train_data, test_data = load_train_test(args, log)
     encryption_key = _encryption_key(args, required=args.encrypt)
-    overrides = {k: v for k, v in {
-        "mode": args.mode, "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
-        "backbone_lr": args.backbone_lr, "unfreeze": args.unfreeze, "augment": not args.no_augment,
-        "mixup": args.mixup, "cutmix": args.cutmix, "precision": args.precision, "num_workers": args.workers, "device": args.device,
-        "val_fraction": args.val_fraction, "extract_runtime": args.extract_runtime}.items() if v is not None}
-    train_config = TrainConfig(**overrides)
+    train_config = train_config_from(args)
     torch.manual_seed(args.seed)  # random-init branches are reproducible too
     model = engine.build(config, class_names=data.classes)
     cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
@@ -136,6 +131,19 @@ def cmd_train(args) -> int:
         log(f"extraction {history.get('extract_seconds', 0):.1f} s, head training {history.get('head_seconds', 0):.1f} s; "
             f"saved to {out}")
     return 0
+
+
+def train_config_from(args):
+    """The TrainConfig of ``fusion-engine train``'s flags (unset flags keep TrainConfig's defaults)."""
+    from .training import TrainConfig
+
+    overrides = {k: v for k, v in {
+        "mode": args.mode, "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+        "backbone_lr": args.backbone_lr, "unfreeze": args.unfreeze, "augment": not args.no_augment,
+        "mixup": args.mixup, "cutmix": args.cutmix, "precision": args.precision, "num_workers": args.workers,
+        "device": args.device, "val_fraction": args.val_fraction, "extract_runtime": args.extract_runtime}.items()
+        if v is not None}
+    return TrainConfig(**overrides)
 
 
 def load_train_test(args, log, training_note: str = "") -> tuple:

@@ -860,9 +860,8 @@ def add_search_options(parser) -> None:
 
 def run_search(args) -> int:
     """``fusion-engine train --search``: select, train the winner, evaluate it on held-out data, save RUN_DIR."""
-    from .cli import _apply_weights_dir, _encryption_key, _summary, load_train_test
+    from .cli import _apply_weights_dir, _encryption_key, _summary, load_train_test, train_config_from
     from .metrics import format_report
-    from .training import TrainConfig
 
     _apply_weights_dir(args)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
@@ -873,11 +872,7 @@ def run_search(args) -> int:
         raise ConfigError("--search works on frozen, cached features; train the chosen config with --mode finetune "
                           "afterwards (fusion-engine train --config RUN_DIR.config.json --mode finetune)")
     data, train_data, test_data = load_train_test(args, log, " (the search sees only these)")
-    overrides = {k: v for k, v in {
-        "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
-        "num_workers": args.workers, "device": args.device, "val_fraction": args.val_fraction,
-        "extract_runtime": args.extract_runtime}.items() if v is not None}
-    train_config = TrainConfig(**overrides)
+    train_config = train_config_from(args)  # --mode finetune was refused above
     search_overrides = {k: v for k, v in {"time_budget": args.time_budget, "max_branches": args.max_branches,
                                           "folds": args.folds, "epochs": args.search_epochs,
                                           "prefer_fewer": False if args.prefer_best else None}.items() if v is not None}

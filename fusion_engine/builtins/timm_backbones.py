@@ -125,10 +125,11 @@ def _create_model(model: str, model_kwargs: dict) -> nn.Module:
     """``timm.create_model`` without a classifier; MobileNetV1 widths other than 1.0 too."""
     import timm
 
-    if model not in timm.list_models() and _width_variant(model):
+    width = None if timm.is_model(model) else _width_variant(model)
+    if width:
         from timm.models.efficientnet import _gen_mobilenet_v1  # timm registers width 1.0 only
 
-        return _gen_mobilenet_v1(model, channel_multiplier=_width_variant(model), num_classes=0,
+        return _gen_mobilenet_v1(model, channel_multiplier=width, num_classes=0,
                                  pretrained_cfg=timm.models.get_pretrained_cfg("mobilenetv1_100"), **model_kwargs)
     try:
         return timm.create_model(model, pretrained=False, num_classes=0, **model_kwargs)
