@@ -33,19 +33,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion_engine import Engine  # noqa: E402
-from fusion_engine.artifacts import load  # noqa: E402
-from fusion_engine.compress import accuracy, compress, count_macs, folder_bytes  # noqa: E402
-from fusion_engine.data import collate_images, load_dataset, stratified_split  # noqa: E402
-from fusion_engine.features import input_size_for  # noqa: E402
+from fusion_engine import Engine, load
+from fusion_engine.artifacts.compression import accuracy, compress, folder_bytes
+from fusion_engine.artifacts.pruning import count_macs
+from fusion_engine.core.data import collate_images, load_dataset, stratified_split
+from fusion_engine.core.network import input_size_for
 
 
 def base_config(weights: Path) -> dict:
     return {
         "backbones": [
-            {"name": "cifar_resnet", "model": "resnet20", "weights": str(weights / "resnet20_cifar10_akamaster.safetensors")},
-            {"name": "timm", "model": "mobilenetv2_100", "weights": str(weights / "mobilenetv2_100.tf1_quant_in1k.safetensors"),
-             "model_kwargs": {"pad_type": "same"}, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": 96},
+            {
+                "name": "cifar_resnet",
+                "model": "resnet20",
+                "weights": str(weights / "resnet20_cifar10_akamaster.safetensors"),
+            },
+            {
+                "name": "timm",
+                "model": "mobilenetv2_100",
+                "weights": str(weights / "mobilenetv2_100.tf1_quant_in1k.safetensors"),
+                "model_kwargs": {"pad_type": "same"},
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+                "input_size": 96,
+            },
         ],
         "fusion": "concat",
     }
@@ -83,8 +94,13 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bench-compress")
     parser.add_argument("--ratio", type=float, default=0.3, help="prune: share of channels removed per prunable layer")
     parser.add_argument("--epochs", type=int, default=1, help="recovery fine-tune epochs")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1],
-                        help="torch threads for the latency measurement (one column per value)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="torch threads for the latency measurement (one column per value)",
+    )
     parser.add_argument("--device", default="cpu", help="where training and the recovery fine-tune run (cpu, cuda)")
     parser.add_argument("--train-threads", type=int, default=2, help="torch threads for training")
     parser.add_argument("--rounds", type=int, default=15)
@@ -101,17 +117,34 @@ def main() -> int:
     if not (base_dir / "manifest.json").is_file():
         torch.manual_seed(args.seed)
         model = engine.build(base_config(Path(args.weights)), class_names=data.classes)
-        model.fit(train, epochs=30, baselines=False, use_cache=False, progress=False, log=lambda *a, **k: None,
-                  seed=args.seed, device=args.device)
-        model.save(base_dir, engine=engine)
+        model.fit(
+            train,
+            epochs=30,
+            baselines=False,
+            use_cache=False,
+            progress=False,
+            log=lambda *a, **k: None,
+            seed=args.seed,
+            device=args.device,
+        )
+        model.save(base_dir)
     rows = {"base": {"dir": base_dir, "methods": []}}
     for name, (methods, recovery) in VARIANTS.items():
         folder = out / name.replace(" + ", "+").replace(", ", "-").replace(" ", "_")
         model = load(base_dir, engine=engine)
         start = time.perf_counter()
-        compress(model, methods, train=train if recovery else None, ratio=args.ratio, epochs=args.epochs,
-                 seed=args.seed, device=args.device, log=lambda *a, **k: print(*a, file=sys.stderr), progress=False)
-        model.save(folder, engine=engine)
+        compress(
+            model,
+            methods,
+            train=train if recovery else None,
+            ratio=args.ratio,
+            epochs=args.epochs,
+            seed=args.seed,
+            device=args.device,
+            log=lambda *a, **k: print(*a, file=sys.stderr),
+            progress=False,
+        )
+        model.save(folder)
         rows[name] = {"dir": folder, "methods": methods, "compress_seconds": round(time.perf_counter() - start, 1)}
         print(f"{name}: compressed in {rows[name]['compress_seconds']} s", file=sys.stderr)
 
@@ -136,16 +169,22 @@ def main() -> int:
             rows[name].setdefault("images_per_second", {})[threads] = round(speed[name], 1)
 
     base = rows["base"]
-    print(f"\n{len(test)} held-out images; latency: batch 32 at {size[0]}x{size[1]}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n")
+    print(
+        f"\n{len(test)} held-out images; latency: batch 32 at {size[0]}x{size[1]}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n"
+    )
     speed_columns = " | ".join(f"images/s, {t} thread{'s' if t > 1 else ''}" for t in args.threads)
     print(f"| model | size on disk | MMACs/image | {speed_columns} | held-out top-1 |")
     print("|---|---|---|" + "---|" * len(args.threads) + "---|")
     for name, row in rows.items():
-        speeds = " | ".join(f"{row['images_per_second'][t]} ({row['images_per_second'][t] / base['images_per_second'][t]:.2f}x)"
-                            for t in args.threads)
-        print(f"| {name} | {row['bytes'] / 1e6:.2f} MB ({row['bytes'] / base['bytes']:.2f}x) | {row['mmacs']} | "
-              f"{speeds} | {row['accuracy']:.4f} ({100 * (row['accuracy'] - base['accuracy']):+.2f} pt) |")
+        speeds = " | ".join(
+            f"{row['images_per_second'][t]} ({row['images_per_second'][t] / base['images_per_second'][t]:.2f}x)"
+            for t in args.threads
+        )
+        print(
+            f"| {name} | {row['bytes'] / 1e6:.2f} MB ({row['bytes'] / base['bytes']:.2f}x) | {row['mmacs']} | "
+            f"{speeds} | {row['accuracy']:.4f} ({100 * (row['accuracy'] - base['accuracy']):+.2f} pt) |"
+        )
     (out / "results.json").write_text(json.dumps({k: {**v, "dir": str(v["dir"])} for k, v in rows.items()}, indent=2))
     return 0
 

@@ -15,9 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusion_engine import Engine, distributed
-from fusion_engine.finetune import unfreeze
-from fusion_engine.runtimes import autocast
+from fusion_engine import Engine
+from fusion_engine.runtime.runtimes import autocast
+from fusion_engine.training import distributed
+from fusion_engine.training.finetune import unfreeze
 
 
 def main() -> None:
@@ -33,8 +34,11 @@ def main() -> None:
     model = Engine.from_plugins().build(config, num_classes=10)
     unfreeze(model, None)
     model.to(device)
-    trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed.active() else model
+    trainer = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if distributed.active()
+        else model
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     images = torch.rand(args.batch_size, 3, 224, 224, device=device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
@@ -58,9 +62,16 @@ def main() -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     if distributed.rank() == 0:
-        print(json.dumps({"precision": args.precision, "world_size": distributed.world_size(),
-                          "images_per_second": args.steps * args.batch_size * distributed.world_size() / seconds,
-                          "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
+        print(
+            json.dumps(
+                {
+                    "precision": args.precision,
+                    "world_size": distributed.world_size(),
+                    "images_per_second": args.steps * args.batch_size * distributed.world_size() / seconds,
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                }
+            )
+        )
     distributed.finish()
 
 

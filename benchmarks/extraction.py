@@ -19,7 +19,7 @@ import torch
 from shared_data import add_split_arguments, held_out_split
 
 from fusion_engine import Engine
-from fusion_engine.features import EXTRACT_RUNTIMES, FeatureCache
+from fusion_engine.training.feature_cache import EXTRACT_RUNTIMES, FeatureCache
 
 BRANCH = "mobilenetv2_100.tf1_quant_in1k"
 
@@ -36,23 +36,43 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as held_out_cache:
         for runtime in EXTRACT_RUNTIMES:
             torch.manual_seed(args.seed)
-            model = engine.build({"backbones": [{"name": "timm", "weights": BRANCH}], "fusion": "concat"},
-                                 class_names=data.classes)
+            model = engine.build(
+                {"backbones": [{"name": "timm", "weights": BRANCH}], "fusion": "concat"}, class_names=data.classes
+            )
             start = time.perf_counter()
-            history = model.fit(train, extract_runtime=runtime, use_cache=False, baselines=False, progress=False,
-                                log=lambda *a: None, seed=args.seed, device=args.device)
+            history = model.fit(
+                train,
+                extract_runtime=runtime,
+                use_cache=False,
+                baselines=False,
+                progress=False,
+                log=lambda *a: None,
+                seed=args.seed,
+                device=args.device,
+            )
             seconds = time.perf_counter() - start
             accuracy = model.evaluate(test, cache=FeatureCache(held_out_cache), progress=False)["accuracy"]
-            rows.append({"runtime": runtime, "images_per_second": len(train) / history["extract_seconds"],
-                         "extract_seconds": history["extract_seconds"], "fit_seconds": seconds, "accuracy": accuracy})
+            rows.append(
+                {
+                    "runtime": runtime,
+                    "images_per_second": len(train) / history["extract_seconds"],
+                    "extract_seconds": history["extract_seconds"],
+                    "fit_seconds": seconds,
+                    "accuracy": accuracy,
+                }
+            )
             print(f"{runtime}: {rows[-1]}", file=sys.stderr, flush=True)
     base = rows[0]
-    print(f"{len(train)} training images ({args.dataset}) through {BRANCH} at 224 px, batch 64, {args.threads} threads; "
-          f"accuracy on {len(test)} held-out images\n\n| extraction runtime | images/s | vs torch | held-out accuracy | "
-          "change |\n|---|---|---|---|---|")
+    print(
+        f"{len(train)} training images ({args.dataset}) through {BRANCH} at 224 px, batch 64, {args.threads} threads; "
+        f"accuracy on {len(test)} held-out images\n\n| extraction runtime | images/s | vs torch | held-out accuracy | "
+        "change |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['runtime']} | {r['images_per_second']:.1f} | {r['images_per_second'] / base['images_per_second']:.2f}x"
-              f" | {r['accuracy']:.4f} | {100 * (r['accuracy'] - base['accuracy']):+.2f} pt |")
+        print(
+            f"| {r['runtime']} | {r['images_per_second']:.1f} | {r['images_per_second'] / base['images_per_second']:.2f}x"
+            f" | {r['accuracy']:.4f} | {100 * (r['accuracy'] - base['accuracy']):+.2f} pt |"
+        )
     return 0
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 from shared_data import SHARED
 
-WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+)
 CONFIG = {"backbones": [{"name": "timm", "model": "mobilenetv2_100", "input_size": 32}], "fusion": "concat"}
 
 
@@ -31,9 +33,25 @@ def peak_rss_mb(n: int, work: Path, threads: int) -> float:
     np.savez(data, x=d["x_train"][:n], y=d["y_train"][:n])
     config = work / "config.json"
     config.write_text(json.dumps(CONFIG))
-    cmd = [sys.executable, "-m", "fusion_engine", "train", "--config", str(config), "--data", str(data),
-           "--cache-dir", str(work / f"cache{n}"), "--out", str(work / f"run{n}"), "--epochs", "3",
-           "--batch-size", "256", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusion_engine",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(work / f"cache{n}"),
+        "--out",
+        str(work / f"run{n}"),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "256",
+        "-q",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True, text=True, check=True)
     kb, code = out.stdout.split()[-2:]

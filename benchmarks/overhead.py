@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from fusion_engine import Engine
-from fusion_engine.data import load_dataset
-from fusion_engine.features import FeatureCache
+from fusion_engine.core.data import load_dataset
+from fusion_engine.training.feature_cache import FeatureCache
 
 MODELS = ["mobilenetv2_100", "resnet18", "efficientnet_b0"]
 
@@ -56,10 +56,17 @@ def fused_vs_raw(engine, models, size: int, batch: int, rounds: int, repeats: in
     images = torch.rand(batch, 3, size, size)
     normalised = [fused.preprocessors[i](images) for i in fused.preprocess_index]
     with torch.inference_mode():
-        (t_raw, t_fused), (_, ratio) = compare([lambda: [m(x) for m, x in zip(raw, normalised)],
-                                                lambda: fused(images)], rounds, repeats)
-    return {"branches": len(models), "size": size, "batch": batch, "fused_images_per_s": batch / t_fused,
-            "raw_images_per_s": batch / t_raw, "fused_over_raw_speed": ratio}
+        (t_raw, t_fused), (_, ratio) = compare(
+            [lambda: [m(x) for m, x in zip(raw, normalised)], lambda: fused(images)], rounds, repeats
+        )
+    return {
+        "branches": len(models),
+        "size": size,
+        "batch": batch,
+        "fused_images_per_s": batch / t_fused,
+        "raw_images_per_s": batch / t_raw,
+        "fused_over_raw_speed": ratio,
+    }
 
 
 def extraction_vs_raw(engine, model_name: str, size: int, batch: int, n: int, rounds: int) -> dict:
@@ -72,8 +79,10 @@ def extraction_vs_raw(engine, model_name: str, size: int, batch: int, n: int, ro
     pre = fused.preprocessors[0]
     nchw_model = fused.branches[0].backbone.model.eval()
     cl_model = copy.deepcopy(nchw_model).to(memory_format=torch.channels_last)
-    nchw = [pre(torch.from_numpy(x[i:i + batch]).permute(0, 3, 1, 2).contiguous().float() / 255)
-            for i in range(0, n, batch)]
+    nchw = [
+        pre(torch.from_numpy(x[i : i + batch]).permute(0, 3, 1, 2).contiguous().float() / 255)
+        for i in range(0, n, batch)
+    ]
     cl = [t.contiguous(memory_format=torch.channels_last) for t in nchw]
 
     def extract():
@@ -84,13 +93,23 @@ def extraction_vs_raw(engine, model_name: str, size: int, batch: int, n: int, ro
             with torch.inference_mode():
                 for t in inputs:
                     model(t)
+
         return run
 
     (t_raw, t_extract, t_nchw), (_, ratio, nchw_ratio) = compare(
-        [forward(cl_model, cl), extract, forward(nchw_model, nchw)], rounds, 1)
-    return {"model": model_name, "size": size, "batch": batch, "images": n, "extract_images_per_s": n / t_extract,
-            "raw_images_per_s": n / t_raw, "extract_over_raw_speed": ratio, "raw_nchw_images_per_s": n / t_nchw,
-            "channels_last_over_nchw_speed": 1 / nchw_ratio}
+        [forward(cl_model, cl), extract, forward(nchw_model, nchw)], rounds, 1
+    )
+    return {
+        "model": model_name,
+        "size": size,
+        "batch": batch,
+        "images": n,
+        "extract_images_per_s": n / t_extract,
+        "raw_images_per_s": n / t_raw,
+        "extract_over_raw_speed": ratio,
+        "raw_nchw_images_per_s": n / t_nchw,
+        "channels_last_over_nchw_speed": 1 / nchw_ratio,
+    }
 
 
 def main() -> int:
@@ -102,19 +121,29 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     engine = Engine.from_plugins()
     print(f"torch {torch.__version__}, {args.threads} threads; ratios are medians of {args.rounds} interleaved rounds")
-    print("\n| branches | input | batch | fused img/s | backbones alone img/s | fused / alone |\n|---|---|---|---|---|---|")
-    for size, batch, repeats in (() if args.extraction_only else ((224, 32, 1), (32, 256, 3))):
+    print(
+        "\n| branches | input | batch | fused img/s | backbones alone img/s | fused / alone |\n|---|---|---|---|---|---|"
+    )
+    for size, batch, repeats in () if args.extraction_only else ((224, 32, 1), (32, 256, 3)):
         for k in (2, 3):
             r = fused_vs_raw(engine, MODELS[:k], size, batch, args.rounds, repeats)
-            print(f"| {k} ({', '.join(MODELS[:k])}) | {size} px | {batch} | {r['fused_images_per_s']:.1f} | "
-                  f"{r['raw_images_per_s']:.1f} | {r['fused_over_raw_speed']:.3f} |", flush=True)
-    print("\n| backbone | input | batch | extraction img/s | raw timm img/s (channels_last) | extraction / raw | "
-          "raw timm img/s (NCHW) | channels_last / NCHW |\n|---|---|---|---|---|---|---|---|")
+            print(
+                f"| {k} ({', '.join(MODELS[:k])}) | {size} px | {batch} | {r['fused_images_per_s']:.1f} | "
+                f"{r['raw_images_per_s']:.1f} | {r['fused_over_raw_speed']:.3f} |",
+                flush=True,
+            )
+    print(
+        "\n| backbone | input | batch | extraction img/s | raw timm img/s (channels_last) | extraction / raw | "
+        "raw timm img/s (NCHW) | channels_last / NCHW |\n|---|---|---|---|---|---|---|---|"
+    )
     for name in MODELS[:2]:
         r = extraction_vs_raw(engine, name, 224, 32, 128, args.rounds)
-        print(f"| {name} | 224 px | 32 | {r['extract_images_per_s']:.1f} | {r['raw_images_per_s']:.1f} | "
-              f"{r['extract_over_raw_speed']:.3f} | {r['raw_nchw_images_per_s']:.1f} | "
-              f"{r['channels_last_over_nchw_speed']:.2f}x |", flush=True)
+        print(
+            f"| {name} | 224 px | 32 | {r['extract_images_per_s']:.1f} | {r['raw_images_per_s']:.1f} | "
+            f"{r['extract_over_raw_speed']:.3f} | {r['raw_nchw_images_per_s']:.1f} | "
+            f"{r['channels_last_over_nchw_speed']:.2f}x |",
+            flush=True,
+        )
     return 0
 
 

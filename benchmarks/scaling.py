@@ -25,15 +25,16 @@ MODEL = {"backbones": [{"name": "timm", "model": "mobilenetv2_100", "input_size"
 
 
 def dataset(n: int):
-    from fusion_engine.data import load_dataset
+    from fusion_engine.core.data import load_dataset
 
     x = (np.random.default_rng(0).random((n, 32, 32, 3)) * 255).astype(np.uint8)
     return load_dataset((x, np.arange(n) % 10))
 
 
 def worker(n: int, cache_dir: str) -> None:
-    from fusion_engine import Engine, distributed
-    from fusion_engine.features import FeatureCache
+    from fusion_engine import Engine
+    from fusion_engine.training import distributed
+    from fusion_engine.training.feature_cache import FeatureCache
 
     distributed.init()
     torch.manual_seed(0)
@@ -56,8 +57,12 @@ def raw(n: int, memory_format) -> float:
     model = Engine.from_plugins().build(MODEL, num_classes=10)
     timm_model = model.branches[0].backbone.model.eval().to(memory_format=memory_format)
     data = dataset(n)
-    inputs = [model.preprocessors[0](torch.stack([data[i][0] for i in range(s, min(s + 32, n))]).float() / 255)
-              .contiguous(memory_format=memory_format) for s in range(0, n, 32)]
+    inputs = [
+        model.preprocessors[0](torch.stack([data[i][0] for i in range(s, min(s + 32, n))]).float() / 255).contiguous(
+            memory_format=memory_format
+        )
+        for s in range(0, n, 32)
+    ]
     with torch.inference_mode():
         timm_model(inputs[0])
         start = time.perf_counter()
@@ -77,19 +82,42 @@ def main() -> int:
         return 0
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rows = {"raw timm forward, 1 process, NCHW": raw(args.images, torch.contiguous_format),
-            "raw timm forward, 1 process, channels_last (as extraction runs on the CPU)":
-                raw(args.images, torch.channels_last)}
+    rows = {
+        "raw timm forward, 1 process, NCHW": raw(args.images, torch.contiguous_format),
+        "raw timm forward, 1 process, channels_last (as extraction runs on the CPU)": raw(
+            args.images, torch.channels_last
+        ),
+    }
     for n in (1, 2):
         with tempfile.TemporaryDirectory() as cache:
-            out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                  str(n), __file__, "--worker", "--images", str(args.images), "--cache-dir", cache],
-                                 env=env, capture_output=True, text=True, check=True)
-        rows[f"fusion-engine extraction, {n} process{'es' if n > 1 else ''}"] = \
-            json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    str(n),
+                    __file__,
+                    "--worker",
+                    "--images",
+                    str(args.images),
+                    "--cache-dir",
+                    cache,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        rows[f"fusion-engine extraction, {n} process{'es' if n > 1 else ''}"] = json.loads(
+            out.stdout.strip().splitlines()[-1]
+        )["images_per_second"]
     base = rows["raw timm forward, 1 process, channels_last (as extraction runs on the CPU)"]
-    print(f"{args.images} images 32 px -> mobilenetv2_100 at 160 px, batch 32, 1 thread per process, "
-          f"{os.cpu_count()} cores\n\n| run | images/s | vs raw channels_last, 1 process |\n|---|---|---|")
+    print(
+        f"{args.images} images 32 px -> mobilenetv2_100 at 160 px, batch 32, 1 thread per process, "
+        f"{os.cpu_count()} cores\n\n| run | images/s | vs raw channels_last, 1 process |\n|---|---|---|"
+    )
     for name, speed in rows.items():
         print(f"| {name} | {speed:.1f} | {speed / base:.2f}x |")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fusion_engine.data import load_dataset, stratified_split
+from fusion_engine.core.data import load_dataset, stratified_split
 
 SHARED = Path(os.environ.get("FUSION_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 DATASETS = {"cifar": "cifar10_jpeg_train8k.npz", "usps": "usps_train.npz"}

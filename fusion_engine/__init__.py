@@ -1,12 +1,33 @@
 """fusion-engine: fuse several pretrained image backbones into one classifier."""
 
-from .errors import ArtifactError, ConfigError, DataError, FusionEngineError, PluginError, WeightsError
-from .hookspecs import hookimpl
+from fusion_engine.api.classifier import FusedClassifier
+from fusion_engine.api.engine import Engine, load
+from fusion_engine.core.config import FusedModelConfig, parse_config
+from fusion_engine.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    ExportError,
+    FusionEngineError,
+    PluginError,
+    WeightsError,
+)
+from fusion_engine.hookspecs import hookimpl
+from fusion_engine.version import __version__
 
-__version__ = "0.1.0"
-from .config import FusedModelConfig, parse_config
-from .engine import Engine
-from .model import FusedClassifier
-
-__all__ = ["Engine", "FusedClassifier", "FusedModelConfig", "parse_config", "hookimpl", "FusionEngineError",
-           "ConfigError", "PluginError", "DataError", "ArtifactError", "WeightsError", "__version__"]
+__all__ = [
+    "Engine",
+    "FusedClassifier",
+    "FusedModelConfig",
+    "load",
+    "parse_config",
+    "hookimpl",
+    "FusionEngineError",
+    "ConfigError",
+    "PluginError",
+    "DataError",
+    "ArtifactError",
+    "WeightsError",
+    "ExportError",
+    "__version__",
+]

@@ -1,4 +1,14 @@
-"""The project's own error types: every failure a user can cause raises one of these."""
+"""The project's own error types: every failure a user can cause raises one of these.
+
+Also the two helpers every error message uses: ``suggest`` (a close match for a mistyped name)
+and ``validation_message`` (a pydantic ValidationError as one readable line).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import pydantic
 
 
 class FusionEngineError(Exception):
@@ -27,3 +37,31 @@ class WeightsError(FusionEngineError):
 
 class ExportError(FusionEngineError):
     """A model cannot be exported, or the exported model does not reproduce the original."""
+
+
+def suggest(name: str, valid) -> str:
+    """' (did you mean X?)' when a close match exists, else ''."""
+    match = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def validation_message(exc: pydantic.ValidationError, *, valid=None, noun: str = "option") -> str:
+    """One line naming each problem of ``exc``: unknown names (with a close match from ``valid``, the
+    top-level field names), missing ones, bad values with the value given; then the valid names."""
+    problems, unknown = [], False
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or noun
+        if err["type"] == "extra_forbidden":
+            top = len(err["loc"]) == 1  # ``valid`` names the top-level fields only
+            unknown = unknown or top
+            problems.append(f"unknown {noun} '{loc}'" + (suggest(loc, valid or []) if top else ""))
+        elif err["type"] == "missing":
+            problems.append(f"{noun} '{loc}' is required")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            shown = f" (got {given!r})" if given is not None and not isinstance(given, (dict, list)) else ""
+            problems.append(f"{noun} '{loc}': {msg}{shown}")
+    if unknown and valid is not None:
+        problems[-1] += f". Valid {noun}s: {', '.join(valid) or '(none)'}"
+    return "; ".join(problems)

@@ -29,13 +29,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
 from fusion_engine.testing import register_plugin  # noqa: E402,F401  (a fixture: tests use it by name)
 
+torch.set_num_threads(1)
+
+
 REPO = Path(__file__).resolve().parents[1]
-ENGINE_ENV_VARS = ("FUSION_ENGINE_LOAD_PLUGINS", "FUSION_ENGINE_DISABLE_PLUGINS", "FUSION_ENGINE_STRICT_PLUGINS",
-                   "FUSION_ENGINE_WEIGHTS_DIR")
+ENGINE_ENV_VARS = (
+    "FUSION_ENGINE_LOAD_PLUGINS",
+    "FUSION_ENGINE_DISABLE_PLUGINS",
+    "FUSION_ENGINE_STRICT_PLUGINS",
+    "FUSION_ENGINE_WEIGHTS_DIR",
+)
 
 
 def shared_path() -> Path:
@@ -82,14 +87,16 @@ def fake_distribution(tmp_path, monkeypatch):
     site.mkdir()
     modules: list[str] = []
 
-    def make(dist: str, version: str, module_source: str, *, module: str | None = None,
-             entry_point: str | None = None) -> Path:
+    def make(
+        dist: str, version: str, module_source: str, *, module: str | None = None, entry_point: str | None = None
+    ) -> Path:
         module = module or dist.replace("-", "_") + "_plugin"
         entry_point = entry_point or dist.replace("-", "_")
         info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
-                                       f"Summary: test plugin {dist}\n")
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\nSummary: test plugin {dist}\n"
+        )
         (info / "entry_points.txt").write_text(f"[fusion_engine]\n{entry_point} = {module}\n")
         (site / f"{module}.py").write_text(textwrap.dedent(module_source))
         modules.append(module)
@@ -106,7 +113,7 @@ def fake_distribution(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def digits_split():
     """(train, held-out): scikit-learn's digits split 80/20, stratified with seed 0."""
-    from fusion_engine.data import load_dataset, stratified_split
+    from fusion_engine.core.data import load_dataset, stratified_split
 
     return stratified_split(load_dataset("digits"), 0.2, 0)
 
@@ -114,14 +121,15 @@ def digits_split():
 @pytest.fixture(scope="session")
 def train_and_save():
     """A function: fit ``config`` on ``train`` quietly (seed 0, frozen, no cache, no baselines), save to ``folder``."""
-    from fusion_engine.artifacts import save
+    from fusion_engine.artifacts.store import save
 
     def fit_and_save(engine, config, train, folder, *, epochs: int, lr: float) -> Path:
         torch.manual_seed(0)
         model = engine.build(config, class_names=train.classes)
-        model.fit(train, epochs=epochs, lr=lr, baselines=False, use_cache=False, progress=False,
-                  log=lambda *a, **k: None)
-        save(model, folder, engine=engine)
+        model.fit(
+            train, epochs=epochs, lr=lr, baselines=False, use_cache=False, progress=False, log=lambda *a, **k: None
+        )
+        save(model, folder)
         return Path(folder)
 
     return fit_and_save

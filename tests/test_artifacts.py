@@ -21,11 +21,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fusion_engine import Engine
-from fusion_engine.artifacts import load, read_manifest, save, verify
-from fusion_engine.cli import main
+from fusion_engine import Engine, load
+from fusion_engine.artifacts.encryption import load_key
+from fusion_engine.artifacts.manifest import read_manifest
+from fusion_engine.artifacts.safe_files import parse_safetensors
+from fusion_engine.artifacts.signing import generate_keypair, sign_manifest
+from fusion_engine.artifacts.store import save, verify
+from fusion_engine.cli.main import main
 from fusion_engine.errors import ArtifactError, FusionEngineError, WeightsError
-from fusion_engine.signing import generate_keypair, sign_manifest
 
 CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32}], "fusion": "concat"}
 CLASSES = ["zero", "one", "two"]
@@ -60,9 +63,9 @@ def base_artifact(tmp_path_factory, engine):
     """A saved untrained model (save/load need no training) and its outputs on ``images``."""
     torch.manual_seed(0)
     model = engine.build(CONFIG, class_names=CLASSES).eval()
-    model.extras["metrics"] = {"test": {"accuracy": 0.5}}
+    model.metrics = {"test": {"accuracy": 0.5}}
     folder = tmp_path_factory.mktemp("base") / "run"
-    save(model, folder, engine=engine)
+    save(model, folder)
     return folder
 
 
@@ -134,11 +137,19 @@ def test_round_trip_and_manifest_records_everything(base_artifact, engine, image
     manifest, _ = read_manifest(base_artifact)
     assert manifest.schema_version == 1
     assert set(manifest.files) == {"model.safetensors"}
-    assert manifest.files["model.safetensors"] == hashlib.sha256((base_artifact / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        manifest.files["model.safetensors"]
+        == hashlib.sha256((base_artifact / "model.safetensors").read_bytes()).hexdigest()
+    )
     assert manifest.config["backbones"][0]["options"]["model"] == "test_resnet"
     assert manifest.branches[0].data_config["input_size"] == [3, 32, 32]
-    assert {(c.kind, c.name) for c in manifest.components} == {("backbone", "timm"), ("extractor", "avg"), ("fusion", "concat")}
-    assert all(c.plugin and c.version for c in manifest.components)
+    assert {(c.kind, c.name) for c in manifest.components} == {
+        ("backbone", "timm"),
+        ("extractor", "avg"),
+        ("fusion", "concat"),
+    }
+    assert {c.plugin for c in manifest.components} == {"timm_backbones", "extractors", "fusions"}
+    assert all(c.version for c in manifest.components)
     assert {"torch", "timm", "fusion_engine"} <= set(manifest.versions)
     assert manifest.metrics == {"test": {"accuracy": 0.5}}
     assert sorted(p.name for p in base_artifact.iterdir()) == ["manifest.json", "model.safetensors"]
@@ -204,7 +215,7 @@ TAMPERING = {
     "symlinked weights": (symlinked_weights, "'model.safetensors' in the artifact is a symbolic link"),
     "added symlink": (symlinked_extra, "unexpected file 'link'"),
     "model not listed": (drop_model_from_manifest, "does not list model.safetensors"),
-    "manifest schema": (future_schema, "not a valid fusion-engine manifest .schema 1.: schema_version"),
+    "manifest schema": (future_schema, "not a valid fusion-engine manifest .schema 1.: field .schema_version."),
 }
 
 
@@ -249,7 +260,7 @@ def test_signature_by_another_key(run, engine, keys, capsys):
 def test_signature_copied_from_another_artifact(signed, tmp_path, engine, keys):
     other = tmp_path / "other"
     model = engine.build(CONFIG, class_names=["x", "y"])
-    save(model, other, engine=engine, signing_key=keys["private"])
+    save(model, other, signing_key=keys["private"])
     shutil.copy(other / "manifest.sig", signed / "manifest.sig")
     with pytest.raises(ArtifactError, match="manifest.sig was copied from another artifact"):
         load(signed, engine=engine, public_key=keys["public"])
@@ -294,15 +305,26 @@ def test_pickle_as_input_weights(tmp_path, engine, capsys, small_digits):
     for name in ("evil.pt", "evil.bin"):
         write_payload(tmp_path / name, marker)
         with pytest.raises(WeightsError, match="refusing to unpickle .*it holds code"):
-            engine.build({"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(tmp_path / name)}]},
-                         num_classes=2)
+            engine.build(
+                {"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(tmp_path / name)}]},
+                num_classes=2,
+            )
     write_payload(tmp_path / "evil.safetensors", marker)  # a pickle disguised as safetensors
     with pytest.raises(WeightsError, match="not a valid safetensors file"):
-        engine.build({"backbones": [{"name": "timm", "model": "test_resnet",
-                                     "weights": str(tmp_path / "evil.safetensors")}]}, num_classes=2)
+        engine.build(
+            {"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(tmp_path / "evil.safetensors")}]},
+            num_classes=2,
+        )
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32,
-                                                 "weights": str(tmp_path / "evil.pt")}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "backbones": [
+                    {"name": "timm", "model": "test_resnet", "input_size": 32, "weights": str(tmp_path / "evil.pt")}
+                ]
+            }
+        )
+    )
     code, out = cli(capsys, "train", "--config", config, "--data", small_digits, "--out", tmp_path / "out", "-q")
     assert code == 2 and "refusing to unpickle" in out
     assert not marker.exists()
@@ -327,7 +349,7 @@ def test_pickle_beside_an_artifact(run, engine):
 
 
 def test_pickle_as_finetune_checkpoint(tmp_path, engine):
-    from fusion_engine.finetune import _load_checkpoint
+    from fusion_engine.training.finetune import _load_checkpoint
 
     marker = tmp_path / "pwned"
     model = engine.build(CONFIG, class_names=CLASSES)
@@ -340,8 +362,11 @@ def test_pickle_as_finetune_checkpoint(tmp_path, engine):
         write_payload(folder / name, marker)
     with pytest.raises(Exception) as info:
         _load_checkpoint(folder, model, optimizer, scheduler)
-    assert "safetensor" in type(info.value).__name__.lower() or "safetensors" in str(info.value).lower() \
+    assert (
+        "safetensor" in type(info.value).__name__.lower()
+        or "safetensors" in str(info.value).lower()
         or isinstance(info.value, FusionEngineError)
+    )
     assert not marker.exists()
 
 
@@ -387,7 +412,7 @@ def _truncated(t):
 
 
 def _garbage(t):
-    return b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}"
+    return b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}'
 
 
 MALFORMED = {
@@ -421,9 +446,9 @@ def test_failed_save_leaves_the_previous_artifact(run, engine, images, monkeypat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fusion_engine.artifacts.sha256_file", crash)  # after the weights, before the manifest
+    monkeypatch.setattr("fusion_engine.artifacts.store.sha256_file", crash)  # after the weights, before the manifest
     with pytest.raises(OSError, match="disk full"):
-        save(other, run, engine=engine)
+        save(other, run)
     monkeypatch.undo()
     assert torch.equal(load(run, engine=engine)(images), before)
     assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
@@ -435,11 +460,11 @@ def test_killed_save_leaves_the_previous_artifact(run, engine, images):
     other = engine.build(CONFIG, class_names=CLASSES)
     pid = os.fork()
     if pid == 0:  # child: die abruptly in the middle of writing the new artifact
-        import fusion_engine.artifacts as artifacts
+        import fusion_engine.artifacts.store as artifacts
 
         artifacts.sha256_file = lambda path: os._exit(9)
         try:
-            save(other, run, engine=engine)
+            save(other, run)
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -474,7 +499,7 @@ def test_random_manifest_byte_mutations(base_artifact, tmp_path_factory, engine,
         if op == "flip":
             raw[at] = data.draw(st.integers(0, 255))
         elif op == "delete":
-            del raw[at:at + data.draw(st.integers(1, 16))]
+            del raw[at : at + data.draw(st.integers(1, 16))]
         elif op == "insert":
             raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
         else:
@@ -486,10 +511,15 @@ def test_random_manifest_byte_mutations(base_artifact, tmp_path_factory, engine,
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-64, 256) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12) | st.sampled_from(["../x", "/etc/passwd", "model.safetensors", "timm", "test_resnet"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-64, 256)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["../x", "/etc/passwd", "model.safetensors", "timm", "test_resnet"]),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=8)
+    max_leaves=8,
+)
 
 
 def _paths(value, prefix=()):
@@ -535,7 +565,7 @@ def test_random_tensor_file_mutations(base_artifact, tmp_path_factory, engine, d
             at = data.draw(st.integers(0, header + 64))  # mostly the header, where parsing happens
             raw[at] = data.draw(st.integers(0, 255))
         if data.draw(st.booleans()):
-            del raw[data.draw(st.integers(0, len(raw))):]
+            del raw[data.draw(st.integers(0, len(raw))) :]
         return bytes(raw)
 
     rewrite_tensors(folder, mutate)
@@ -565,8 +595,25 @@ def encrypted_run(tmp_path_factory, small_digits):
     key.write_text(os.urandom(32).hex())
     config = folder / "config.json"
     config.write_text(json.dumps(CONFIG))
-    code = main(["train", "--config", str(config), "--data", str(small_digits), "--epochs", "3", "--out", str(folder / "run"),
-                 "--encrypt", "--key-file", str(key), "--cache-dir", str(folder / "cache"), "-q"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--data",
+            str(small_digits),
+            "--epochs",
+            "3",
+            "--out",
+            str(folder / "run"),
+            "--encrypt",
+            "--key-file",
+            str(key),
+            "--cache-dir",
+            str(folder / "cache"),
+            "-q",
+        ]
+    )
     assert code == 0
     return folder / "run", key
 
@@ -576,9 +623,8 @@ def test_encrypted_round_trip_and_no_plaintext_on_disk(encrypted_run, engine, tm
     assert read_manifest(run)[0].encrypted
     raw = (run / "model.safetensors").read_bytes()
     assert raw.startswith(b"FEENC")
-    with pytest.raises(Exception):
-        st_load(raw)
-    from fusion_engine.encryption import load_key
+    with pytest.raises(WeightsError, match="not a valid safetensors file"):
+        parse_safetensors(raw, "model.safetensors")
 
     model = load(run, engine=engine, encryption_key=load_key(key))
     head = model.fusion.head[-1].weight.detach().numpy().tobytes()
@@ -587,7 +633,7 @@ def test_encrypted_round_trip_and_no_plaintext_on_disk(encrypted_run, engine, tm
     on_disk = [p for p in run.parent.rglob("*") if p.is_file() and needle in p.read_bytes()]
     assert on_disk == []  # no decrypted copy of the weights anywhere under the training folder
     # re-saving encrypted with the same key round-trips
-    save(model, tmp_path / "again", engine=engine, encryption_key=load_key(key))
+    save(model, tmp_path / "again", encryption_key=load_key(key))
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(load(tmp_path / "again", engine=engine, encryption_key=load_key(key))(x), model(x))
 
@@ -626,7 +672,9 @@ def test_train_encrypt_without_key_fails_before_training(tmp_path, capsys, monke
     monkeypatch.delenv("FUSION_ENGINE_KEY", raising=False)
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
-    code, out = cli(capsys, "train", "--config", config, "--data", "digits", "--out", tmp_path / "run", "--encrypt", "-q")
+    code, out = cli(
+        capsys, "train", "--config", config, "--data", "digits", "--out", tmp_path / "run", "--encrypt", "-q"
+    )
     assert code == 2 and "pass --key-file or set FUSION_ENGINE_KEY" in out
     assert not (tmp_path / "run").exists()
 
@@ -639,3 +687,16 @@ def test_no_unpickling_anywhere_on_the_load_path(base_artifact, engine, monkeypa
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     load(base_artifact, engine=engine)
+
+
+def test_one_home_for_loading(base_artifact, engine, images):
+    """``Engine.load`` rebuilds with that engine's plugins; ``fusion_engine.load`` is the same with a fresh
+    engine; both return the FusedClassifier that ``Engine.build`` makes (fit, evaluate, save)."""
+    from fusion_engine import FusedClassifier
+    from fusion_engine import load as load_run_dir
+
+    by_engine, by_function = engine.load(base_artifact), load_run_dir(base_artifact)
+    assert isinstance(by_engine, FusedClassifier) and isinstance(by_function, FusedClassifier)
+    assert torch.equal(by_engine(images), by_function(images))
+    assert by_engine.manifest.files == read_manifest(base_artifact)[0].files
+    assert by_engine.components == engine.build(CONFIG, class_names=CLASSES).components

@@ -18,7 +18,8 @@ def test_every_benchmark_is_listed():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_benchmark_help(script, subprocess_env):
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                            env=subprocess_env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, env=subprocess_env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:")

@@ -12,8 +12,9 @@ BROKEN = "raise ImportError('fake_cli_broken needs a package that is not install
 
 
 def run_list(env, *args):
-    return subprocess.run([sys.executable, "-m", "fusion_engine", "list", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fusion_engine", "list", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_list_json_shows_builtin_components_with_plugin_version_description(subprocess_env):
@@ -21,9 +22,11 @@ def test_list_json_shows_builtin_components_with_plugin_version_description(subp
     assert result.returncode == 0, result.stderr
     listing = json.loads(result.stdout)
     components = {(c["kind"], c["name"]): c for c in listing["components"]}
-    expected = {("backbone", "timm"): "timm_backbones",
-                **{("extractor", n): "extractors" for n in ("avg", "max", "avgmax", "gem", "multiscale", "token")},
-                **{("fusion", n): "fusions" for n in ("concat", "attention", "gated", "vote", "stacking")}}
+    expected = {
+        ("backbone", "timm"): "timm_backbones",
+        **{("extractor", n): "extractors" for n in ("avg", "max", "avgmax", "gem", "multiscale", "token")},
+        **{("fusion", n): "fusions" for n in ("concat", "attention", "gated", "vote", "stacking")},
+    }
     for key, plugin in expected.items():
         component = components[key]
         assert component["plugin"] == plugin
@@ -59,8 +62,12 @@ def test_list_with_a_broken_plugin_still_exits_0_and_shows_the_failure(subproces
     result = run_list(env, "--json")
     assert result.returncode == 0, result.stderr
     [failure] = json.loads(result.stdout)["failures"]
-    assert failure == {"name": "fake_cli_broken", "version": "0.4.2", "distribution": "fake-cli-broken",
-                       "error": "ImportError: fake_cli_broken needs a package that is not installed"}
+    assert failure == {
+        "name": "fake_cli_broken",
+        "version": "0.4.2",
+        "distribution": "fake-cli-broken",
+        "error": "ImportError: fake_cli_broken needs a package that is not installed",
+    }
 
 
 def test_list_as_text_shows_failures(fake_distribution, capsys):

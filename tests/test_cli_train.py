@@ -24,11 +24,15 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from fusion_engine.cli import main
+from fusion_engine.cli.main import main
 
-CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32},
-                        {"name": "timm", "model": "test_efficientnet", "input_size": 32}],
-          "fusion": "concat"}
+CONFIG = {
+    "backbones": [
+        {"name": "timm", "model": "test_resnet", "input_size": 32},
+        {"name": "timm", "model": "test_efficientnet", "input_size": 32},
+    ],
+    "fusion": "concat",
+}
 BRANCHES = ["timm:test_resnet", "timm:test_efficientnet"]
 NAMES = ["zero", "one", "two", "three"]  # a folder's classes are sorted: one, three, two, zero
 REPORT_KEYS = ("accuracy", "macro_f1", "n", "branches", "baselines")
@@ -39,7 +43,7 @@ def digits(n: int, offset: int = 0):
 
     d = load_digits(n_class=4)
     x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return x[offset:offset + n], d.target[offset:offset + n]
+    return x[offset : offset + n], d.target[offset : offset + n]
 
 
 def write_folder(root: Path, x, y) -> Path:
@@ -51,14 +55,24 @@ def write_folder(root: Path, x, y) -> Path:
 
 def cli_env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_ENGINE_") and k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-               FUSION_ENGINE_CACHE_DIR=str(tmp / "default-cache"))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        FUSION_ENGINE_CACHE_DIR=str(tmp / "default-cache"),
+    )
     return env
 
 
 def run_cli(ws: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(ws), cwd=ws, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fusion_engine", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(ws),
+        cwd=ws,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +86,23 @@ def ws(tmp_path_factory) -> Path:
 
 
 def train_args(ws: Path, out, *extra) -> list[str]:
-    return ["train", "--config", str(ws / "config.json"), "--data", str(ws / "train"), "--data-test", str(ws / "test"),
-            "--cache-dir", str(ws / "cache"), "--epochs", "3", "-q", "--out", str(out), *map(str, extra)]
+    return [
+        "train",
+        "--config",
+        str(ws / "config.json"),
+        "--data",
+        str(ws / "train"),
+        "--data-test",
+        str(ws / "test"),
+        "--cache-dir",
+        str(ws / "cache"),
+        "--epochs",
+        "3",
+        "-q",
+        "--out",
+        str(out),
+        *map(str, extra),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +168,9 @@ def test_extract_runtime_bf16_extracts_under_its_own_cache_keys(ws, trained, cap
 
 
 def test_evaluate_text_table_and_classes_mapped_by_name(ws, trained, capsys, tmp_path):
-    assert main(["evaluate", str(trained["run"]), "--data", str(ws / "test"), "--cache-dir", str(ws / "cache"),
-                 "-q"]) == 0
+    assert (
+        main(["evaluate", str(trained["run"]), "--data", str(ws / "test"), "--cache-dir", str(ws / "cache"), "-q"]) == 0
+    )
     table = capsys.readouterr().out
     for row in ["fused model", *(f"branch {b} (probe)" for b in BRANCHES), "baseline handcrafted"]:
         assert row in table
@@ -149,8 +179,20 @@ def test_evaluate_text_table_and_classes_mapped_by_name(ws, trained, capsys, tmp
     # The same test images as an .npz whose classes are in another order than the model's (sorted) ones.
     x, y = digits(40, offset=120)
     np.savez(tmp_path / "test.npz", x=x, y=y, classes=np.array(NAMES))
-    assert main(["evaluate", str(trained["run"]), "--data", str(tmp_path / "test.npz"), "--cache-dir",
-                 str(tmp_path / "cache"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained["run"]),
+                "--data",
+                str(tmp_path / "test.npz"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     for key in REPORT_KEYS:
         assert report[key] == trained["result"][key], key
@@ -164,9 +206,10 @@ def test_evaluate_text_table_and_classes_mapped_by_name(ws, trained, capsys, tmp
 # --- fine-tuning checkpoints -------------------------------------------------------------------
 
 
-def test_finetune_checkpoints_resumes_after_an_interrupt_and_removes_the_checkpoint(ws, trained, tmp_path, capsys,
-                                                                                     monkeypatch):
-    import fusion_engine.finetune as finetune
+def test_finetune_checkpoints_resumes_after_an_interrupt_and_removes_the_checkpoint(
+    ws, trained, tmp_path, capsys, monkeypatch
+):
+    import fusion_engine.training.finetune as finetune
 
     finetune_args = ["--mode", "finetune", "--epochs", "2", "--batch-size", "32"]
     seen = []
@@ -233,8 +276,8 @@ def corrupt_png_data(path: Path) -> None:
     integrity check when the data is loaded and fails only when the image is decoded."""
     data, out, pos = path.read_bytes(), bytearray(path.read_bytes()[:8]), 8
     while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
         if kind == b"IDAT":
             body = body[:2] + b"\xff" * (len(body) - 2)
         out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -257,7 +300,8 @@ def bad_data(kind: str, root: Path) -> Path:
         first.write_text("this is not a PNG")
     elif kind == "truncated":
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-            folder / "two" / "photo.jpg", quality=95)
+            folder / "two" / "photo.jpg", quality=95
+        )
         data = (folder / "two" / "photo.jpg").read_bytes()
         (folder / "two" / "photo.jpg").write_bytes(data[: len(data) // 2])
     elif kind == "empty-class":
@@ -283,8 +327,22 @@ BAD_DATA = {
 def test_bad_training_data_is_a_clean_error(kind, ws, tmp_path, capsys):
     data = bad_data(kind, tmp_path)
     out = tmp_path / "run"
-    code = main(["train", "--config", str(ws / "config.json"), "--data", str(data), "--cache-dir",
-                 str(tmp_path / "cache"), "--epochs", "1", "-q", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ws / "config.json"),
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--epochs",
+            "1",
+            "-q",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert re.search("^error: .*" + BAD_DATA[kind], err, re.MULTILINE), err
@@ -313,24 +371,49 @@ def test_a_failure_mid_training_leaves_the_run_dir_and_cache_clean(ws, trained, 
     data = tmp_path / "train"
     shutil.copytree(ws / "train", data)
     corrupt_png_data(sorted((data / "two").iterdir())[3])
-    args = ["train", "--config", str(ws / "config.json"), "--data", str(data), "--cache-dir", str(cache),
-            "--epochs", "2", "-q", "--out", str(out)]
+    args = [
+        "train",
+        "--config",
+        str(ws / "config.json"),
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--epochs",
+        "2",
+        "-q",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 2
     assert re.search(r"^error: cannot read image file .*two.*\.png", capsys.readouterr().err, re.MULTILINE)
     assert snapshot(out) == before
     assert not leftovers(tmp_path) and not list(cache.glob("*.tmp"))
 
     # Interrupted while the head trains (features already cached): same guarantees.
-    import fusion_engine.training as training
+    import fusion_engine.training.fit as training
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train_head", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        main(["train", "--config", str(ws / "config.json"), "--data", str(ws / "train"), "--cache-dir", str(cache),
-              "--epochs", "2", "-q", "--out", str(out)])
+        main(
+            [
+                "train",
+                "--config",
+                str(ws / "config.json"),
+                "--data",
+                str(ws / "train"),
+                "--cache-dir",
+                str(cache),
+                "--epochs",
+                "2",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
     assert snapshot(out) == before
     assert not leftovers(tmp_path) and list(cache.glob("*.npy"))  # complete cache entries only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "existing", "train"]
-

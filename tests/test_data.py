@@ -1,4 +1,4 @@
-"""Tests of fusion_engine.data: every source kind, digests, bad-data errors, splits, collation."""
+"""Tests of fusion_engine.core.data: every source kind, digests, bad-data errors, splits, collation."""
 
 import functools
 import os
@@ -9,17 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_engine.data import (
-    ImageDataset,
-    collate_images,
-    load_dataset,
-    stratified_split,
-    to_float_images,
-)
+from fusion_engine.core.data import ImageDataset, collate_images, load_dataset, stratified_split, to_float_images
 from fusion_engine.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-needs_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason=f"real data folder {SHARED / 'data'} is absent")
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "data").is_dir(), reason=f"real data folder {SHARED / 'data'} is absent"
+)
 
 
 def noise(shape, seed=0):
@@ -95,7 +91,9 @@ def test_npz_with_classes_and_train_test_splits(tmp_path):
     with pytest.raises(DataError, match="stratified_split"):
         load_dataset(tmp_path / "one.npz", split="test")
 
-    np.savez(tmp_path / "two.npz", x_train=noise((4, 6, 6)), y_train=[0, 1, 0, 1], x_test=noise((2, 6, 6)), y_test=[1, 0])
+    np.savez(
+        tmp_path / "two.npz", x_train=noise((4, 6, 6)), y_train=[0, 1, 0, 1], x_test=noise((2, 6, 6)), y_test=[1, 0]
+    )
     assert len(load_dataset(str(tmp_path / "two.npz"))) == 4
     test = load_dataset(tmp_path / "two.npz", split="test")
     assert len(test) == 2 and test.targets.tolist() == [1, 0] and "test" in test.name

@@ -9,14 +9,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from fusion_engine import Engine, FusedClassifier
-from fusion_engine.data import load_dataset
-from fusion_engine.features import FeatureCache
+import fusion_engine
+from fusion_engine import Engine
+from fusion_engine.core.data import load_dataset
+from fusion_engine.training.feature_cache import FeatureCache
 
-CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32},
-                        {"name": "timm", "model": "test_efficientnet", "input_size": 32}], "fusion": "concat"}
+CONFIG = {
+    "backbones": [
+        {"name": "timm", "model": "test_resnet", "input_size": 32},
+        {"name": "timm", "model": "test_efficientnet", "input_size": 32},
+    ],
+    "fusion": "concat",
+}
 
 
 def _env():
@@ -41,8 +46,19 @@ def _train(tmp_path, *args, timeout=240):
 def test_sharded_extraction_matches_single_process(tmp_path):
     data = _digits_npz(tmp_path / "d.npz", 300)
     cache = tmp_path / "cache"
-    result = _train(tmp_path, "--data", str(data), "--cache-dir", str(cache), "--out", str(tmp_path / "run"),
-                    "--epochs", "2", "--seed", "3")
+    result = _train(
+        tmp_path,
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(cache.glob(".*")), "shard and temporary files must be gone"
     # the same model, built the way the CLI builds it, hits the cache the 2-process run filled ...
@@ -52,7 +68,7 @@ def test_sharded_extraction_matches_single_process(tmp_path):
     dataset = load_dataset(data)
     model = Engine.from_plugins().build(CONFIG, class_names=dataset.classes)
     shared = FeatureCache(cache)
-    from fusion_engine.data import stratified_split
+    from fusion_engine.core.data import stratified_split
 
     train, test = stratified_split(dataset, 0.2, 3)
     cached = shared.features(model, test, progress=False)
@@ -66,13 +82,26 @@ def test_sharded_extraction_matches_single_process(tmp_path):
 def test_distributed_finetune_writes_a_loadable_artifact(tmp_path):
     data = _digits_npz(tmp_path / "d.npz", 200)
     out = tmp_path / "run"
-    result = _train(tmp_path, "--data", str(data), "--mode", "finetune", "--epochs", "2", "--batch-size", "16",
-                    "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    result = _train(
+        tmp_path,
+        "--data",
+        str(data),
+        "--mode",
+        "finetune",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGABRT" not in result.stderr and "Traceback" not in result.stderr
     assert not Path(str(out) + ".checkpoint").exists()
-    model = FusedClassifier.load(out)
-    assert len(model.extras["history"]["epochs"]) == 2
+    model = fusion_engine.load(out)
+    assert len(model.history["epochs"]) == 2
     x = np.load(data)["x"][:5]
     assert model.predict(x).shape == (5,)
 
@@ -82,9 +111,8 @@ def _worker_pids(parent: int) -> list[int]:
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            ppid = int(next(l for l in status.read_text().splitlines() if l.startswith("PPid:")).split()[1])
             environ = (status.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, StopIteration):
+        except OSError:
             continue
         if b"RANK=1" in environ and b"LOCAL_RANK=1" in environ and _descends(status.parent.name, parent):
             found.append(int(status.parent.name))
@@ -96,7 +124,9 @@ def _descends(pid: str, ancestor: int) -> bool:
         if int(pid) == ancestor:
             return True
         try:
-            pid = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("PPid:")).split()[1]
+            pid = next(
+                line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("PPid:")
+            ).split()[1]
         except (OSError, StopIteration):
             return False
     return False
@@ -107,9 +137,29 @@ def test_killed_worker_stops_the_run_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
-    cmd = [sys.executable, "-m", "fusion_engine", "train", "--config", str(config), "--nproc", "2", "-q",
-           "--data", str(data), "--mode", "finetune", "--epochs", "200", "--batch-size", "16",
-           "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusion_engine",
+        "train",
+        "--config",
+        str(config),
+        "--nproc",
+        "2",
+        "-q",
+        "--data",
+        str(data),
+        "--mode",
+        "finetune",
+        "--epochs",
+        "200",
+        "--batch-size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
     process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = Path(str(out) + ".checkpoint") / "state.json"
     deadline = time.monotonic() + 180

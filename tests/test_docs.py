@@ -49,7 +49,9 @@ def test_every_hook_has_a_heading_with_its_signature(docs, hook):
 
 def test_every_hook_heading_is_a_real_hook(docs):
     named = {m.group(1) for line in headings(hook_reference(docs)) for m in [re.search(r"`(\w+)\(", line)] if m}
-    assert named - {"register"} <= set(HOOKS), f"documented hooks that do not exist: {named - {'register'} - set(HOOKS)}"
+    assert named - {"register"} <= set(HOOKS), (
+        f"documented hooks that do not exist: {named - {'register'} - set(HOOKS)}"
+    )
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -60,7 +62,7 @@ def test_every_hook_has_a_test(hook):
 
 
 def test_every_environment_variable_is_documented(docs):
-    sources = [ROOT / "fusion_engine" / "plugins.py", ROOT / "fusion_engine" / "weights_index.py"]
+    sources = [ROOT / "fusion_engine" / "core" / "plugins.py", ROOT / "fusion_engine" / "core" / "weights_index.py"]
     variables = {v for path in sources for v in re.findall(r"FUSION_ENGINE_[A-Z_]+", path.read_text())}
     assert variables
     missing = sorted(v for v in variables if v not in hook_reference(docs))
@@ -76,8 +78,13 @@ def test_the_example_plugin_works(docs):
     component = engine.registry.get("fusion", "maxout")
     assert (component.plugin, component.version) == ("fusion_engine_maxout", "0.1.0")
     assert component.describe_options() == {"dropout": "float = 0.0"}
-    model = engine.build({"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32}],
-                          "fusion": {"name": "maxout", "dropout": 0.1}, "num_classes": 3})
+    model = engine.build(
+        {
+            "backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32}],
+            "fusion": {"name": "maxout", "dropout": 0.1},
+            "num_classes": 3,
+        }
+    )
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -92,20 +99,32 @@ def test_the_example_plugin_works(docs):
 #                                      once the tutorial's package is installed
 # Blocks may be indented (inside list items); the indentation is removed.
 
-TUTORIAL_BLOCK = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w+)[ \t]+tutorial\b(?P<attrs>[^\n]*)\n(?P<body>.*?)"
-                            r"^(?P=indent)```[ \t]*$", flags=re.M | re.S)
+TUTORIAL_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)```(?P<lang>\w+)[ \t]+tutorial\b(?P<attrs>[^\n]*)\n(?P<body>.*?)"
+    r"^(?P=indent)```[ \t]*$",
+    flags=re.M | re.S,
+)
 
 
 def tutorial_blocks(text: str) -> list[dict]:
     blocks = []
     for m in TUTORIAL_BLOCK.finditer(text):
         indent = m.group("indent")
-        body = "".join(line[len(indent):] if line.startswith(indent) else line
-                       for line in m.group("body").splitlines(keepends=True))
+        body = "".join(
+            line[len(indent) :] if line.startswith(indent) else line
+            for line in m.group("body").splitlines(keepends=True)
+        )
         attrs = dict(a.split("=", 1) for a in m.group("attrs").split() if "=" in a)
         flags = {a for a in m.group("attrs").split() if "=" not in a}
-        blocks.append({"lang": m.group("lang"), "attrs": attrs, "flags": flags, "code": body,
-                       "line": text.count("\n", 0, m.start()) + 1})
+        blocks.append(
+            {
+                "lang": m.group("lang"),
+                "attrs": attrs,
+                "flags": flags,
+                "code": body,
+                "line": text.count("\n", 0, m.start()) + 1,
+            }
+        )
     return blocks
 
 
@@ -116,11 +135,16 @@ def test_the_tutorial_is_marked_for_testing(docs):
     assert len(run) >= 6, "the tutorial's python blocks must be marked ```python tutorial so that they are tested"
     assert "fusion-engine-geomean/fusion_engine_geomean/fusion.py" in written
     assert any("list" in b["flags"] for b in blocks) and any("output" in b["flags"] for b in blocks)
-    unmarked = re.findall(r"^[ \t]*```python[ \t]*\n(?:(?!```).)*?Engine\.from_plugins\(\[fusion_engine_geomean",
-                          docs, flags=re.M | re.S)
+    unmarked = re.findall(
+        r"^[ \t]*```python[ \t]*\n(?:(?!```).)*?Engine\.from_plugins\(\[fusion_engine_geomean", docs, flags=re.M | re.S
+    )
     assert not unmarked, "a tutorial python block is not marked 'tutorial'"
-    for heading in ("## Tutorial: a fusion plugin from nothing to `fusion-engine list`", "## Hook reference",
-                    "## Testing a plugin", "## When a plugin breaks"):
+    for heading in (
+        "## Tutorial: a fusion plugin from nothing to `fusion-engine list`",
+        "## Hook reference",
+        "## Testing a plugin",
+        "## When a plugin breaks",
+    ):
         assert heading in headings(docs)
     for variable in ("FUSION_ENGINE_LOAD_PLUGINS", "FUSION_ENGINE_DISABLE_PLUGINS", "FUSION_ENGINE_STRICT_PLUGINS"):
         assert variable in docs.split("## When a plugin breaks", 1)[1]
@@ -167,17 +191,29 @@ def test_the_tutorial_runs_installs_lists_and_passes_its_tests(docs, tmp_path, m
     # step 4 for real: install (into a folder, not this environment) and list
     site = tmp_path / "site"
     isolation = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation, "--target",
-                             str(site), str(package)], env=subprocess_env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation, "--target", str(site), str(package)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     env = {**subprocess_env, "PYTHONPATH": str(site)}
-    result = subprocess.run([sys.executable, "-m", "fusion_engine", "list", "fusion"], env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fusion_engine", "list", "fusion"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for line in listing:
         assert line in lines, f"`fusion-engine list fusion` does not show {line!r}:\n{result.stdout}"
     # step 5: the package's tests (the generated ones and the tutorial's test_listing.py) pass unchanged
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package)], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "6 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]

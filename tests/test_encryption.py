@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion_engine.encryption import (
+from fusion_engine.artifacts.encryption import (
     decrypt_bytes,
     decrypt_tensors,
     encrypt_bytes,

@@ -14,19 +14,25 @@ import numpy as np
 import pytest
 import torch
 
-MISSING = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"ONNX export needs {', '.join(MISSING)} "
-                                                      "(pip install 'fusion-engine[onnx]')")
+from fusion_engine import Engine, load
+from fusion_engine.artifacts.store import save
+from fusion_engine.cli.main import main
+from fusion_engine.errors import ExportError
 
-from fusion_engine import Engine  # noqa: E402
-from fusion_engine.artifacts import load, save  # noqa: E402
-from fusion_engine.cli import main  # noqa: E402
-from fusion_engine.errors import ExportError  # noqa: E402
+MISSING = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"ONNX export needs {', '.join(MISSING)} (pip install 'fusion-engine[onnx]')"
+)
+
 
 # Two input sizes: the 24px branch is resized inside the graph (bilinear, antialiased).
-CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32},
-                        {"name": "timm", "model": "test_efficientnet", "input_size": 24}],
-          "fusion": {"name": "attention", "dim": 32, "heads": 2}}
+CONFIG = {
+    "backbones": [
+        {"name": "timm", "model": "test_resnet", "input_size": 32},
+        {"name": "timm", "model": "test_efficientnet", "input_size": 24},
+    ],
+    "fusion": {"name": "attention", "dim": 32, "heads": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,7 @@ def test_export_metadata_and_dynamic_batch(exported, engine):
 
 
 def test_onnx_top1_matches_torch_on_held_out_digits(exported, engine, digits_split):
-    from fusion_engine.export import check_images, input_contract, parity
+    from fusion_engine.runtime.export import check_images, input_contract, parity
 
     run, onnx_file = exported
     _, test = digits_split
@@ -109,22 +115,26 @@ def test_predict_runtime_onnx_matches_torch(exported, digits_split, tmp_path, ca
 
 
 def test_failed_parity_is_loud_and_writes_nothing(exported, engine, tmp_path, monkeypatch):
-    import fusion_engine.export as export
+    import fusion_engine.runtime.export as export
 
     run, onnx_file = exported
     model = load(run, engine=engine)
     with torch.no_grad():  # the graph written is the original model's; torch now computes something else
         model.fusion.head[-1].bias.add_(1.0 * torch.arange(10))
-    monkeypatch.setattr(export, "_export_graph", lambda module, path, example, names, opset=18: shutil.copy(onnx_file, path))
+    monkeypatch.setattr(
+        export, "_export_graph", lambda module, path, example, names, opset=18: shutil.copy(onnx_file, path)
+    )
     out = tmp_path / "bad.onnx"
-    with pytest.raises(ExportError, match="ONNX model disagrees with torch: max abs probability difference .* > 0.0001"):
+    with pytest.raises(
+        ExportError, match="ONNX model disagrees with torch: max abs probability difference .* > 0.0001"
+    ):
         export.export_onnx(model, out, check_count=16)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_int8_model_and_encrypted_model_are_refused(exported, engine, tmp_path, capsys):
-    from fusion_engine.compress import compress
-    from fusion_engine.export import export_onnx
+    from fusion_engine.artifacts.compression import compress
+    from fusion_engine.runtime.export import export_onnx
 
     run, _ = exported
     model = load(run, engine=engine)
@@ -133,9 +143,9 @@ def test_int8_model_and_encrypted_model_are_refused(exported, engine, tmp_path, 
         export_onnx(model, tmp_path / "q.onnx")
     key = tmp_path / "key"
     key.write_text("11" * 32)
-    from fusion_engine.encryption import load_key
+    from fusion_engine.artifacts.encryption import load_key
 
-    save(load(run, engine=engine), tmp_path / "enc", engine=engine, encryption_key=load_key(key))
+    save(load(run, engine=engine), tmp_path / "enc", encryption_key=load_key(key))
     code = main(["export", str(tmp_path / "enc"), "--out", str(tmp_path / "e.onnx"), "--key-file", str(key)])
     assert code == 2 and "pass --allow-plaintext" in capsys.readouterr().err
     assert not (tmp_path / "e.onnx").exists()

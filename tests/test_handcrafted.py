@@ -1,4 +1,4 @@
-"""Tests of fusion_engine.handcrafted: fixed dimensions, HOG orientation, determinism, real-data sanity."""
+"""Tests of fusion_engine.core.handcrafted: fixed dimensions, HOG orientation, determinism, real-data sanity."""
 
 from pathlib import Path
 
@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_engine.errors import ConfigError
-from fusion_engine.handcrafted import (
+from fusion_engine.core.handcrafted import (
     FEATURE_KINDS,
     color_histogram,
     handcrafted_features,
     hog_features,
     lbp_histogram,
 )
+from fusion_engine.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -99,7 +99,7 @@ def test_unknown_kind_lists_valid_ones():
 
 @pytest.mark.skipif(not (SHARED / "data" / "usps_train.npz").is_file(), reason=f"real data {SHARED / 'data'} is absent")
 def test_usps_hog_color_probe_beats_chance():
-    from fusion_engine.linear_probe import LinearProbe
+    from fusion_engine.core.probes import LinearProbe
 
     d = np.load(SHARED / "data" / "usps_train.npz")
     rng = np.random.default_rng(0)

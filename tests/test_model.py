@@ -43,12 +43,16 @@ def trainable(module):
 def test_every_extractor_with_every_fusion(engine, extractor, fusion):
     torch.manual_seed(0)
     conv_extractor = "avg" if extractor == "token" else extractor  # 'token' needs a transformer
-    model = engine.build({
-        "backbones": [
-            {**RESNET, "extractor": extractor_spec(conv_extractor)},  # frozen (the default)
-            {**VIT, "extractor": extractor_spec(extractor), "freeze": False},
-        ],
-        "fusion": fusion, "num_classes": 3})
+    model = engine.build(
+        {
+            "backbones": [
+                {**RESNET, "extractor": extractor_spec(conv_extractor)},  # frozen (the default)
+                {**VIT, "extractor": extractor_spec(extractor), "freeze": False},
+            ],
+            "fusion": fusion,
+            "num_classes": 3,
+        }
+    )
     resnet, vit = model.branches
     assert [resnet.feature_dim, vit.feature_dim] == [RESNET_DIMS[conv_extractor], VIT_DIMS[extractor]]
 
@@ -90,8 +94,13 @@ def test_token_extractor_on_a_cnn_is_a_config_error(engine):
 
 
 def three_branch(engine, fusion, **options):
-    return engine.build({"backbones": [RESNET, EFFNET, {**VIT, "extractor": "token"}],
-                         "fusion": {"name": fusion, **options}, "num_classes": 4})
+    return engine.build(
+        {
+            "backbones": [RESNET, EFFNET, {**VIT, "extractor": "token"}],
+            "fusion": {"name": fusion, **options},
+            "num_classes": 4,
+        }
+    )
 
 
 def test_attention_exposes_per_sample_branch_weights(engine):
@@ -114,8 +123,9 @@ def test_gated_exposes_per_sample_gates(engine):
 
 
 def test_vote_with_fixed_weights(engine):
-    model = engine.build({"backbones": [RESNET, EFFNET], "fusion": {"name": "vote", "weights": [1, 3]},
-                          "num_classes": 3})
+    model = engine.build(
+        {"backbones": [RESNET, EFFNET], "fusion": {"name": "vote", "weights": [1, 3]}, "num_classes": 3}
+    )
     torch.testing.assert_close(model.fusion.branch_weights(), torch.tensor([0.25, 0.75]))
     assert not model.fusion.log_weights.requires_grad
     probs = torch.exp(model.eval()(torch.rand(2, 3, 32, 32)))
@@ -125,8 +135,7 @@ def test_vote_with_fixed_weights(engine):
 @pytest.mark.parametrize("weights", [[1.0], [1.0, 2.0, 3.0], [1.0, -1.0]])
 def test_vote_with_wrong_fixed_weights_is_a_config_error(engine, weights):
     with pytest.raises(ConfigError, match=r"fusion: fusion 'vote': weights must be 2 positive numbers"):
-        engine.build({"backbones": [RESNET, EFFNET], "fusion": {"name": "vote", "weights": weights},
-                      "num_classes": 3})
+        engine.build({"backbones": [RESNET, EFFNET], "fusion": {"name": "vote", "weights": weights}, "num_classes": 3})
 
 
 def colour_images(n, seed, size=24):
@@ -139,8 +148,7 @@ def colour_images(n, seed, size=24):
 
 
 def test_stacking_fits_beats_chance_and_stays_a_tensor_module(engine):
-    model = engine.build({"backbones": [RESNET, EFFNET], "fusion": {"name": "stacking", "folds": 3},
-                          "num_classes": 3})
+    model = engine.build({"backbones": [RESNET, EFFNET], "fusion": {"name": "stacking", "folds": 3}, "num_classes": 3})
     assert getattr(model.fusion, "requires_fit", False) is True
     assert not bool(model.fusion.fitted)
     train, y = colour_images(60, seed=0)
@@ -156,8 +164,7 @@ def test_stacking_fits_beats_chance_and_stays_a_tensor_module(engine):
 
     state = model.fusion.state_dict()
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
-    fresh = engine.build({"backbones": [RESNET, EFFNET], "fusion": {"name": "stacking", "folds": 3},
-                          "num_classes": 3})
+    fresh = engine.build({"backbones": [RESNET, EFFNET], "fusion": {"name": "stacking", "folds": 3}, "num_classes": 3})
     fresh.load_state_dict(model.state_dict())  # random-init backbones: carry them over too
     assert bool(fresh.fusion.fitted)
     np.testing.assert_allclose(fresh.predict_proba(test), model.predict_proba(test), atol=1e-6)
@@ -169,8 +176,7 @@ def test_stacking_fits_beats_chance_and_stays_a_tensor_module(engine):
 @pytest.fixture
 def small_model(engine):
     torch.manual_seed(0)
-    return engine.build({"backbones": [RESNET, {**VIT, "extractor": "token"}], "fusion": "concat",
-                         "num_classes": 5})
+    return engine.build({"backbones": [RESNET, {**VIT, "extractor": "token"}], "fusion": "concat", "num_classes": 5})
 
 
 def test_predict_proba_accepts_uint8_grey_and_float_inputs(small_model):
@@ -211,11 +217,16 @@ def capture_backbone_inputs(model):
 
 def test_each_branch_gets_its_own_data_config(engine):
     odd = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
-    model = engine.build({"backbones": [
-        {**RESNET, **odd},                                              # 32 px, odd mean/std
-        {**RESNET, "input_size": 48, "mean": [0.5] * 3, "std": [0.25] * 3},  # 48 px, other mean/std
-        {**EFFNET, **odd},                                              # the same data config as branch 0
-    ], "num_classes": 2}).eval()
+    model = engine.build(
+        {
+            "backbones": [
+                {**RESNET, **odd},  # 32 px, odd mean/std
+                {**RESNET, "input_size": 48, "mean": [0.5] * 3, "std": [0.25] * 3},  # 48 px, other mean/std
+                {**EFFNET, **odd},  # the same data config as branch 0
+            ],
+            "num_classes": 2,
+        }
+    ).eval()
     assert len(model.preprocessors) == 2
     assert model.preprocess_index == [0, 1, 0]
     seen = capture_backbone_inputs(model)

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_engine import Engine, PluginError, hookimpl
+from fusion_engine.core.plugins import add_extra_plugins, extra_plugins, remove_extra_plugins
 from fusion_engine.errors import ConfigError
-from fusion_engine.plugins import BUILTIN_PLUGINS
 
-BUILTIN_NAMES = set(BUILTIN_PLUGINS)
+BUILTIN_NAMES = {"timm_backbones", "extractors", "fusions"}  # fusion-engine's own entry points
 TINY = {"name": "timm", "model": "test_resnet", "input_size": 32}
 
 
@@ -32,8 +32,12 @@ class TinyBackbone(nn.Module):
         self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(4, width, 3, stride=2, padding=1)
         self.feature_dim = width
-        self.data_config = {"input_size": (3, size, size), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-                            "interpolation": "bilinear"}
+        self.data_config = {
+            "input_size": (3, size, size),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.25, 0.25, 0.25),
+            "interpolation": "bilinear",
+        }
 
     def forward_stages(self, x):
         a = F.relu(self.conv1(x))
@@ -104,15 +108,19 @@ def fusion_plugin(class_name: str, fusion_name: str, factory=MeanOfHeads):
 def test_given_plugin_adds_a_fusion_that_builds_and_runs():
     engine = Engine.from_plugins([TinyPlugin()], entry_points=False)
     fusion = engine.registry.get("fusion", "mean_of_heads")
-    assert (fusion.plugin, fusion.version, fusion.description) == ("TinyPlugin", "9.8.7",
-                                                                   "Average of per-branch linear heads")
+    assert (fusion.plugin, fusion.version, fusion.description) == (
+        "TinyPlugin",
+        "9.8.7",
+        "Average of per-branch linear heads",
+    )
     info = next(p for p in engine.plugins if p.name == "TinyPlugin")
     assert (info.source, info.version) == ("given", "9.8.7")
     # entry_points=False: the built-ins only, no installed third-party plugin
     assert {p.name for p in engine.plugins} == BUILTIN_NAMES | {"TinyPlugin"}
 
-    model = engine.build({"backbones": [TINY, {**TINY, "extractor": "max"}], "fusion": "mean_of_heads",
-                          "num_classes": 3})
+    model = engine.build(
+        {"backbones": [TINY, {**TINY, "extractor": "max"}], "fusion": "mean_of_heads", "num_classes": 3}
+    )
     assert isinstance(model.fusion, MeanOfHeads)
     assert [h.in_features for h in model.fusion.heads] == [96, 96]
     logits = model(torch.rand(2, 3, 24, 24))
@@ -123,12 +131,16 @@ def test_given_plugin_adds_a_fusion_that_builds_and_runs():
 
 def test_given_backbone_and_extractor_follow_the_contract():
     engine = Engine.from_plugins([TinyPlugin()], entry_points=False)
-    model = engine.build({
-        "backbones": [
-            {"name": "tiny", "size": 16, "width": 5, "extractor": "stage_max", "freeze": False},
-            {"name": "tiny", "width": 7, "extractor": {"name": "multiscale", "stages": 2, "pool": "avgmax"}},
-        ],
-        "fusion": "concat", "num_classes": 4})
+    model = engine.build(
+        {
+            "backbones": [
+                {"name": "tiny", "size": 16, "width": 5, "extractor": "stage_max", "freeze": False},
+                {"name": "tiny", "width": 7, "extractor": {"name": "multiscale", "stages": 2, "pool": "avgmax"}},
+            ],
+            "fusion": "concat",
+            "num_classes": 4,
+        }
+    )
     # stage_max: 4 + 5 channels; built-in multiscale on the plugin's forward_stages: 2 * (4 + 7)
     assert [b.feature_dim for b in model.branches] == [9, 22]
     assert model.branch_names == ["tiny", "tiny#2"]
@@ -158,7 +170,8 @@ def test_given_module_and_module_name(tmp_path, monkeypatch):
         "from fusion_engine.builtins.fusions import concat\n"
         "@hookimpl\n"
         "def register_fusions(register):\n"
-        "    register('by_name', concat)\n")
+        "    register('by_name', concat)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         engine = Engine.from_plugins(["fe_importable_plugin"], entry_points=False)
@@ -183,10 +196,40 @@ def test_register_plugin_fixture_registers_for_one_test_and_undoes(register_plug
     # the CLI, run in-process, sees it too
     assert cli.main(["list", "fusion", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert {"kind": "fusion", "name": "mean_of_heads", "plugin": "TinyPlugin"}.items() <= \
-        next(c for c in listed["components"] if c["name"] == "mean_of_heads").items()
+    assert {"kind": "fusion", "name": "mean_of_heads", "plugin": "TinyPlugin"}.items() <= next(
+        c for c in listed["components"] if c["name"] == "mean_of_heads"
+    ).items()
     undo()
     assert "mean_of_heads" not in Engine.from_plugins().registry.names("fusion")
+
+
+def test_extra_plugins_load_in_every_engine_as_given_until_removed():
+    class Given:
+        @hookimpl
+        def register_fusions(self, register):
+            register("given_concat", MeanOfHeads)
+
+    tiny = TinyPlugin()
+    add_extra_plugins(tiny)
+    try:
+        assert extra_plugins() == [tiny]
+        for engine in (Engine.from_plugins(), Engine.from_plugins(entry_points=False)):
+            assert engine.registry.get("fusion", "mean_of_heads").plugin == "TinyPlugin"
+        engine = Engine.from_plugins([Given()], entry_points=False)
+        # after the entry points (built-ins here), before the plugins given to the call; source "given"
+        assert [(p.name, p.source) for p in engine.plugins][len(BUILTIN_NAMES) :] == [
+            ("TinyPlugin", "given"),
+            ("Given", "given"),
+        ]
+        add_extra_plugins(tiny)  # twice: needs two removals, loads once
+        assert [p.name for p in Engine.from_plugins().plugins].count("TinyPlugin") == 1
+        remove_extra_plugins(tiny)
+        assert extra_plugins() == [tiny]
+    finally:
+        remove_extra_plugins(tiny)
+    assert extra_plugins() == []
+    assert "mean_of_heads" not in Engine.from_plugins().registry.names("fusion")
+    remove_extra_plugins(tiny)  # not there: ignored
 
 
 def test_given_plugin_failures_raise_naming_the_plugin():
@@ -218,8 +261,9 @@ def test_blank_description_is_allowed():
 # --- option schemas from the factories' signatures -------------------------------------------------
 
 
-def typed_fusion(in_dims: list[int], num_classes: int, dim: int = 4, mode: Literal["sum", "max"] = "sum",
-                 scale: float | None = None):
+def typed_fusion(
+    in_dims: list[int], num_classes: int, dim: int = 4, mode: Literal["sum", "max"] = "sum", scale: float | None = None
+):
     return MeanOfHeads(in_dims, num_classes)
 
 
@@ -244,13 +288,18 @@ def test_option_schema_comes_from_the_type_annotated_signature():
     engine = Engine.from_plugins([SchemaPlugin()], entry_points=False)
     typed = engine.registry.get("fusion", "typed")
     assert typed.validate_options({"dim": "8"}, "fusion") == {"dim": 8, "mode": "sum", "scale": None}
-    assert typed.describe_options() == {"dim": "int = 4", "mode": "Literal['sum', 'max'] = 'sum'",
-                                        "scale": "float | None = None"}
+    assert typed.describe_options() == {
+        "dim": "int = 4",
+        "mode": "Literal['sum', 'max'] = 'sum'",
+        "scale": "float | None = None",
+    }
     with pytest.raises(ConfigError, match=r"option 'dim'.*'big'"):
         typed.validate_options({"dim": "big"}, "fusion")
     with pytest.raises(ConfigError, match=r"option 'mode'"):
         typed.validate_options({"mode": "mean"}, "fusion")
-    with pytest.raises(ConfigError, match=r"unknown option 'dmi' \(did you mean 'dim'\?\).*Valid options: dim, mode, scale"):
+    with pytest.raises(
+        ConfigError, match=r"unknown option 'dmi' \(did you mean 'dim'\?\).*Valid options: dim, mode, scale"
+    ):
         typed.validate_options({"dmi": 3}, "fusion")
     # **options: anything goes
     assert engine.registry.get("fusion", "loose").validate_options({"whatever": 1}, "fusion") == {"whatever": 1}
@@ -266,8 +315,9 @@ def test_option_schema_comes_from_the_type_annotated_signature():
 
 def test_two_plugins_registering_one_name_is_an_error_naming_both():
     with pytest.raises(PluginError) as info:
-        Engine.from_plugins([fusion_plugin("FirstPlugin", "same"), fusion_plugin("SecondPlugin", "same")],
-                            entry_points=False)
+        Engine.from_plugins(
+            [fusion_plugin("FirstPlugin", "same"), fusion_plugin("SecondPlugin", "same")], entry_points=False
+        )
     message = str(info.value)
     assert "fusion 'same'" in message and "FirstPlugin" in message and "SecondPlugin" in message
 
@@ -314,8 +364,9 @@ def test_entry_point_plugin_is_found_with_its_distribution_version(fake_distribu
 
 
 def test_entry_point_plugin_that_fails_to_import_is_recorded(fake_distribution, monkeypatch):
-    fake_distribution("fake-broken", "1.2.3", "raise RuntimeError('boom: missing dependency')\n",
-                      entry_point="fake_broken")
+    fake_distribution(
+        "fake-broken", "1.2.3", "raise RuntimeError('boom: missing dependency')\n", entry_point="fake_broken"
+    )
     engine = Engine.from_plugins()
     [failure] = engine.failures
     assert (failure.name, failure.version, failure.distribution) == ("fake_broken", "1.2.3", "fake-broken")
@@ -335,13 +386,18 @@ def test_entry_point_plugin_that_fails_to_import_is_recorded(fake_distribution, 
 
 
 def test_entry_point_plugin_with_a_misspelled_hook_is_a_failure(fake_distribution, monkeypatch):
-    fake_distribution("fake-typo", "0.3", """
+    fake_distribution(
+        "fake-typo",
+        "0.3",
+        """
         from fusion_engine import hookimpl
 
         @hookimpl
         def register_fusion(register):
             register("never", None)
-        """, entry_point="fake_typo")
+        """,
+        entry_point="fake_typo",
+    )
     engine = Engine.from_plugins()
     [failure] = engine.failures
     assert failure.name == "fake_typo" and failure.version == "0.3"
@@ -353,7 +409,10 @@ def test_entry_point_plugin_with_a_misspelled_hook_is_a_failure(fake_distributio
 
 
 def test_entry_point_plugin_whose_register_hook_raises_keeps_nothing(fake_distribution, monkeypatch):
-    fake_distribution("fake-halfway", "2.0", """
+    fake_distribution(
+        "fake-halfway",
+        "2.0",
+        """
         from fusion_engine import hookimpl
         from fusion_engine.builtins.fusions import concat
         from fusion_engine.builtins.extractors import avg
@@ -366,7 +425,9 @@ def test_entry_point_plugin_whose_register_hook_raises_keeps_nothing(fake_distri
         def register_fusions(register):
             register("halfway_one", concat)
             raise KeyError("halfway")
-        """, entry_point="fake_halfway")
+        """,
+        entry_point="fake_halfway",
+    )
     engine = Engine.from_plugins()
     [failure] = engine.failures
     assert (failure.name, failure.version) == ("fake_halfway", "2.0")
@@ -405,7 +466,8 @@ def _installed(dist: str) -> bool:
 needs_repo_plugins = pytest.mark.skipif(
     not (_installed("fusion-engine-bilinear") and _installed("fusion-engine-cifar-resnet")),
     reason="plugin packages from plugins/ are not installed (pip install -e plugins/fusion-engine-bilinear "
-           "plugins/fusion-engine-cifar-resnet)")
+    "plugins/fusion-engine-cifar-resnet)",
+)
 
 
 @needs_repo_plugins
@@ -414,15 +476,19 @@ def test_installed_plugins_load_by_default():
     assert {p.name for p in engine.plugins} >= BUILTIN_NAMES | {"bilinear", "cifar_resnet"}
     assert engine.registry.get("fusion", "bilinear").plugin == "bilinear"
     assert engine.registry.get("backbone", "cifar_resnet").version == importlib.metadata.version(
-        "fusion-engine-cifar-resnet")
+        "fusion-engine-cifar-resnet"
+    )
 
 
 @needs_repo_plugins
-@pytest.mark.parametrize("value, expected", [
-    ("", set()),
-    ("bilinear", {"bilinear"}),
-    ("bilinear,cifar_resnet", {"bilinear", "cifar_resnet"}),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("", set()),
+        ("bilinear", {"bilinear"}),
+        ("bilinear,cifar_resnet", {"bilinear", "cifar_resnet"}),
+    ],
+)
 def test_load_plugins_env_var_is_an_allow_list(monkeypatch, value, expected):
     monkeypatch.setenv("FUSION_ENGINE_LOAD_PLUGINS", value)
     engine = Engine.from_plugins()

@@ -15,14 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_engine import DataError, Engine, FusedClassifier
-from fusion_engine.cli import main
-from fusion_engine.data import load_dataset
-from fusion_engine.prediction import image_files, predict_files
+import fusion_engine
+from fusion_engine import DataError, Engine
+from fusion_engine.cli.main import main
+from fusion_engine.core.data import load_dataset
+from fusion_engine.runtime.prediction import image_files, predict_files
 
-CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32},
-                        {"name": "timm", "model": "test_efficientnet", "input_size": 32}],
-          "fusion": "concat"}
+CONFIG = {
+    "backbones": [
+        {"name": "timm", "model": "test_resnet", "input_size": 32},
+        {"name": "timm", "model": "test_efficientnet", "input_size": 32},
+    ],
+    "fusion": "concat",
+}
 CLASSES = ["zero", "one", "two", "three"]
 
 
@@ -31,7 +36,7 @@ def digits(n: int, offset: int = 0):
 
     d = load_digits(n_class=4)
     x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return x[offset:offset + n], d.target[offset:offset + n]
+    return x[offset : offset + n], d.target[offset : offset + n]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,14 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
     model = Engine.from_plugins().build(CONFIG, class_names=CLASSES)
-    model.fit(load_dataset(digits(160), classes=CLASSES), cache_dir=root / "cache", epochs=15, lr=0.01,
-              progress=False, log=lambda *a, **k: None)
+    model.fit(
+        load_dataset(digits(160), classes=CLASSES),
+        cache_dir=root / "cache",
+        epochs=15,
+        lr=0.01,
+        progress=False,
+        log=lambda *a, **k: None,
+    )
     model.save(root / "run")
     x, _ = digits(9, offset=160)
     images = root / "images"
@@ -66,9 +77,18 @@ def flatten(results) -> list[tuple[str, str, float]]:
 def test_a_folder_is_searched_recursively_and_single_files_are_taken_as_given(trained):
     files = image_files([trained["images"], trained["single"]])
     names = [f.relative_to(trained["root"]).as_posix() for f in files]
-    assert names == ["images/a/0.png", "images/a/1.png", "images/a/2.png", "images/a/3.png",
-                     "images/b/deeper/4.png", "images/b/deeper/5.png", "images/b/deeper/6.png",
-                     "images/b/deeper/7.png", "images/b/rgb.jpg", "single.png"]
+    assert names == [
+        "images/a/0.png",
+        "images/a/1.png",
+        "images/a/2.png",
+        "images/a/3.png",
+        "images/b/deeper/4.png",
+        "images/b/deeper/5.png",
+        "images/b/deeper/6.png",
+        "images/b/deeper/7.png",
+        "images/b/rgb.jpg",
+        "single.png",
+    ]
 
     results = predict_files(trained["model"], [trained["images"], trained["single"]], top_k=3)
     assert [r["image"] for r in results] == [str(f) for f in files]
@@ -79,8 +99,9 @@ def test_a_folder_is_searched_recursively_and_single_files_are_taken_as_given(tr
     # One file alone gets the same answer as inside a batch of mixed sizes and channels.
     alone = predict_files(trained["model"], [trained["images"] / "b" / "rgb.jpg"], top_k=3)
     assert [t["class"] for t in alone[0]["top"]] == [t["class"] for t in results[8]["top"]]
-    assert [t["probability"] for t in alone[0]["top"]] == pytest.approx([t["probability"] for t in results[8]["top"]],
-                                                                         abs=1e-5)
+    assert [t["probability"] for t in alone[0]["top"]] == pytest.approx(
+        [t["probability"] for t in results[8]["top"]], abs=1e-5
+    )
 
 
 def test_top_k_is_clipped_to_the_number_of_classes(trained):
@@ -93,7 +114,7 @@ def test_top_k_is_clipped_to_the_number_of_classes(trained):
 
 
 def test_the_saved_model_predicts_exactly_like_the_model_before_saving(trained):
-    loaded = FusedClassifier.load(trained["run"])
+    loaded = fusion_engine.load(trained["run"])
     paths = [trained["images"], trained["single"]]
     assert flatten(predict_files(loaded, paths, top_k=4)) == flatten(predict_files(trained["model"], paths, top_k=4))
     x, _ = digits(30, offset=170)
@@ -103,9 +124,25 @@ def test_the_saved_model_predicts_exactly_like_the_model_before_saving(trained):
 def test_cli_predict_json_in_a_subprocess(trained):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_ENGINE_") and k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([sys.executable, "-m", "fusion_engine", "predict", str(trained["run"]),
-                           str(trained["images"]), str(trained["single"]), "--top-k", "2", "--json"],
-                          capture_output=True, text=True, env=env, cwd=trained["root"], timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusion_engine",
+            "predict",
+            str(trained["run"]),
+            str(trained["images"]),
+            str(trained["single"]),
+            "--top-k",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=trained["root"],
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     expected = predict_files(trained["model"], [trained["images"], trained["single"]], top_k=2)
@@ -121,8 +158,11 @@ def test_cli_predict_text_output(trained, capsys):
     captured = capsys.readouterr()
     line = captured.out.strip()
     assert re.fullmatch(r"predicted 1 images in \d+\.\d\d s \(\d+\.\d images/s\)\n", captured.err), captured.err
-    assert re.fullmatch(re.escape(str(trained["single"])) + r": (zero|one|two|three) [01]\.\d{3}, "
-                        r"(zero|one|two|three) [01]\.\d{3}", line), line
+    assert re.fullmatch(
+        re.escape(str(trained["single"])) + r": (zero|one|two|three) [01]\.\d{3}, "
+        r"(zero|one|two|three) [01]\.\d{3}",
+        line,
+    ), line
 
 
 @pytest.mark.parametrize("what", ["text file", "corrupt image in a folder", "missing path", "folder without images"])

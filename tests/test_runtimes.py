@@ -1,4 +1,4 @@
-"""Inference runtimes (eager, channels_last, bf16, compile) agree with the model; ``fusion-engine bench``
+"""Inference runtimes (torch, channels_last, bf16, compile) agree with the model; ``fusion-engine bench``
 measures each in its own process; extraction runs channels_last on the CPU and gives the same features."""
 
 from __future__ import annotations
@@ -11,12 +11,18 @@ import pytest
 import torch
 
 from fusion_engine import ConfigError, Engine
-from fusion_engine.cli import main
-from fusion_engine.features import FeatureCache, make_loader
-from fusion_engine.runtimes import RUNTIMES, fast_memory_format, make_runner
+from fusion_engine.cli.main import main
+from fusion_engine.core.loader import make_loader
+from fusion_engine.runtime.runtimes import RUNTIMES, fast_memory_format, make_runner, runtime_name
+from fusion_engine.training.feature_cache import FeatureCache
 
-CONFIG = {"backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32},
-                        {"name": "timm", "model": "test_efficientnet", "input_size": 24}], "fusion": "concat"}
+CONFIG = {
+    "backbones": [
+        {"name": "timm", "model": "test_resnet", "input_size": 32},
+        {"name": "timm", "model": "test_efficientnet", "input_size": 24},
+    ],
+    "fusion": "concat",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,9 @@ def model(engine):
     return engine.build(CONFIG, num_classes=10).eval()
 
 
-@pytest.mark.parametrize("runtime, atol", [("eager", 0), ("channels_last", 1e-4), ("bf16", 0.15),
-                                           ("bf16_channels_last", 0.15)])
+@pytest.mark.parametrize(
+    "runtime, atol", [("torch", 0), ("channels_last", 1e-4), ("bf16", 0.15), ("bf16_channels_last", 0.15)]
+)
 def test_runtimes_agree_with_the_model(model, runtime, atol):
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -41,8 +48,10 @@ def test_runtimes_agree_with_the_model(model, runtime, atol):
     torch.testing.assert_close(got, expected, atol=atol, rtol=0)
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
-                    reason="the onnx runtime needs fusion-engine[onnx]")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
+    reason="the onnx runtime needs fusion-engine[onnx]",
+)
 def test_onnx_runtime_agrees_with_the_model(model):
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -93,11 +102,28 @@ def test_bench_measures_each_runtime_with_accuracy(run_dir, digits_split, tmp_pa
     _, test = digits_split
     data = tmp_path / "test.npz"
     np.savez(data, x=test.images.permute(0, 2, 3, 1).numpy(), y=test.targets, classes=np.asarray(test.classes))
-    code = main(["bench", str(run_dir), "--runtime", "eager", "--runtime", "bf16", "--batch-size", "8",
-                 "--iterations", "3", "--threads", "1", "--data", str(data), "--json"])
+    code = main(
+        [
+            "bench",
+            str(run_dir),
+            "--runtime",
+            "torch",
+            "--runtime",
+            "bf16",
+            "--batch-size",
+            "8",
+            "--iterations",
+            "3",
+            "--threads",
+            "1",
+            "--data",
+            str(data),
+            "--json",
+        ]
+    )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["runtime"] for r in rows] == ["eager", "bf16"]
+    assert [r["runtime"] for r in rows] == ["torch", "bf16"]
     for row in rows:
         assert row["images_per_second"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"] and row["peak_rss_mb"] > 50
         assert 0.5 < row["accuracy"] <= 1  # the trained model on held-out digits, not chance (0.1)
@@ -105,17 +131,18 @@ def test_bench_measures_each_runtime_with_accuracy(run_dir, digits_split, tmp_pa
 
 
 def test_bench_table_and_unknown_runtime(run_dir, capsys):
-    assert main(["bench", str(run_dir), "--runtime", "eager", "--batch-size", "4", "--iterations", "2"]) == 0
+    assert main(["bench", str(run_dir), "--runtime", "torch", "--batch-size", "4", "--iterations", "2"]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["runtime", "images/s", "p50", "ms", "p95", "ms", "peak", "MB", "accuracy"]
-    assert table.splitlines()[1].startswith("eager") and "(1.00x)" in table
+    assert table.splitlines()[1].startswith("torch") and "(1.00x)" in table
     assert main(["bench", str(run_dir), "--runtime", "turbo"]) != 0
-    assert "unknown runtime ['turbo']; valid: eager, channels_last" in capsys.readouterr().err
+    assert "unknown runtime ['turbo']; valid: torch, channels_last" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("runtime, atol", [("bf16", 0.05), ("onnx", 1e-4)])
-def test_extraction_runtimes_give_the_features_of_torch_under_their_own_cache_key(model, digits_split, runtime, atol,
-                                                                                   tmp_path):
+def test_extraction_runtimes_give_the_features_of_torch_under_their_own_cache_key(
+    model, digits_split, runtime, atol, tmp_path
+):
     if runtime == "onnx" and any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")):
         pytest.skip("onnx extraction needs fusion-engine[onnx]")
     part = digits_split[0].subset(list(range(48)))
@@ -138,30 +165,52 @@ def test_unknown_extraction_runtime_lists_the_valid_ones(model, digits_split):
     with pytest.raises(ConfigError, match="unknown extraction runtime 'tpu'; valid: torch, bf16, onnx"):
         FeatureCache(enabled=False, runtime="tpu")
     with pytest.raises(ConfigError, match="'onnx' runs on the CPU, not on cuda"):
-        FeatureCache(enabled=False, runtime="onnx").features(model, digits_split[1].subset([0, 1]), device="cuda",
-                                                             progress=False)
+        FeatureCache(enabled=False, runtime="onnx").features(
+            model, digits_split[1].subset([0, 1]), device="cuda", progress=False
+        )
 
 
 def test_fit_with_bf16_extraction_trains_a_working_model(engine, digits_split, tmp_path):
     train, test = digits_split
     torch.manual_seed(0)
     model = engine.build(CONFIG, class_names=train.classes)
-    history = model.fit(train, extract_runtime="bf16", epochs=15, lr=1e-2, baselines=False, cache_dir=tmp_path,
-                        progress=False, log=lambda *a, **k: None)
+    history = model.fit(
+        train,
+        extract_runtime="bf16",
+        epochs=15,
+        lr=1e-2,
+        baselines=False,
+        cache_dir=tmp_path,
+        progress=False,
+        log=lambda *a, **k: None,
+    )
     assert history["config"]["extract_runtime"] == "bf16"
     assert model.evaluate(test, progress=False, cache=FeatureCache(tmp_path))["accuracy"] > 0.5
 
 
 def test_bench_table_flags_a_runtime_that_moves_top1_more_than_half_a_point():
-    from fusion_engine.bench import format_results
+    from fusion_engine.runtime.bench import format_results
 
     row = {"p50_ms": 10.0, "p95_ms": 12.0, "peak_rss_mb": 500}
-    table = format_results([{"runtime": "eager", "images_per_second": 10.0, "accuracy": 0.764, **row},
-                            {"runtime": "channels_last", "images_per_second": 18.0, "accuracy": 0.762, **row},
-                            {"runtime": "bf16", "images_per_second": 34.0, "accuracy": 0.758, **row},
-                            {"runtime": "onnx", "error": "ExportError: no"}])
+    table = format_results(
+        [
+            {"runtime": "torch", "images_per_second": 10.0, "accuracy": 0.764, **row},
+            {"runtime": "channels_last", "images_per_second": 18.0, "accuracy": 0.762, **row},
+            {"runtime": "bf16", "images_per_second": 34.0, "accuracy": 0.758, **row},
+            {"runtime": "onnx", "error": "ExportError: no"},
+        ]
+    )
     lines = table.splitlines()
     assert lines[2].endswith("0.7620 (1.80x) -0.20 pt") and lines[3].endswith("0.7580 (3.40x) -0.60 pt")
     assert lines[4] == "onnx                failed: ExportError: no"
-    assert lines[5:] == ["note: bf16 changes top-1 by -0.60 points vs eager (more than 0.5); check it on your own "
-                         "held-out data"]
+    assert lines[5:] == [
+        "note: bf16 changes top-1 by -0.60 points vs torch (more than 0.5); check it on your own held-out data"
+    ]
+
+
+def test_runtime_names_are_one_vocabulary():
+    """ "torch" is the name everywhere (extraction, predict, bench); bench's older "eager" still works."""
+    assert runtime_name("eager") == "torch" and runtime_name("onnx") == "onnx"
+    assert RUNTIMES[0] == "torch"
+    with pytest.raises(ConfigError, match="unknown runtime 'turbo'; valid: torch, channels_last"):
+        runtime_name("turbo")

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from fusion_engine.errors import ArtifactError, WeightsError
-from fusion_engine.safe_files import (
+from fusion_engine.artifacts.manifest import UNLISTED_FILES
+from fusion_engine.artifacts.safe_files import (
     check_finite,
     check_folder,
     load_safetensors,
@@ -20,6 +20,7 @@ from fusion_engine.safe_files import (
     member_path,
     sha256_file,
 )
+from fusion_engine.errors import ArtifactError, WeightsError
 
 
 class TouchPayload:
@@ -209,9 +210,15 @@ def artifact(tmp_path):
 
 def test_check_folder_accepts_intact_artifact(artifact):
     folder, expected = artifact
-    check_folder(folder, expected)
+    check_folder(folder, expected, UNLISTED_FILES)
     (folder / "manifest.sig").write_text("{}")
-    check_folder(folder, expected)
+    check_folder(folder, expected, UNLISTED_FILES)
+
+
+def test_check_folder_allows_only_the_named_unlisted_files(artifact):
+    folder, expected = artifact
+    with pytest.raises(ArtifactError, match="unexpected file 'manifest.json'"):
+        check_folder(folder, expected)  # no allowed_extra: every file must be listed
 
 
 def test_check_folder_modified_byte(artifact):
@@ -220,14 +227,14 @@ def test_check_folder_modified_byte(artifact):
     data[10] ^= 1
     (folder / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="'model.safetensors' was modified: sha256 differs"):
-        check_folder(folder, expected)
+        check_folder(folder, expected, UNLISTED_FILES)
 
 
 def test_check_folder_missing_file(artifact):
     folder, expected = artifact
     (folder / "heads" / "extra.safetensors").unlink()
     with pytest.raises(ArtifactError, match="listed file 'heads/extra.safetensors' is missing"):
-        check_folder(folder, expected)
+        check_folder(folder, expected, UNLISTED_FILES)
 
 
 @pytest.mark.parametrize("name", ["evil.py", "heads/__init__.py", "sub/manifest.json"])
@@ -236,14 +243,14 @@ def test_check_folder_unlisted_file(artifact, name):
     (folder / name).parent.mkdir(exist_ok=True)
     (folder / name).write_text("import os")
     with pytest.raises(ArtifactError, match=f"unexpected file '{name}'.*not listed.*code could be smuggled"):
-        check_folder(folder, expected)
+        check_folder(folder, expected, UNLISTED_FILES)
 
 
 def test_check_folder_unlisted_symlink(artifact, tmp_path):
     folder, expected = artifact
     (folder / "plugins").symlink_to(tmp_path)
     with pytest.raises(ArtifactError, match="unexpected file 'plugins'"):
-        check_folder(folder, expected)
+        check_folder(folder, expected, UNLISTED_FILES)
 
 
 def test_check_folder_symlinked_listed_file(artifact, tmp_path):
@@ -253,16 +260,16 @@ def test_check_folder_symlinked_listed_file(artifact, tmp_path):
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors").symlink_to(real)
     with pytest.raises(ArtifactError, match="'model.safetensors' in the artifact is a symbolic link"):
-        check_folder(folder, expected)
+        check_folder(folder, expected, UNLISTED_FILES)
 
 
 def test_check_folder_listed_directory(artifact):
     folder, expected = artifact
     with pytest.raises(ArtifactError, match="'heads' .* is not a regular file"):
-        check_folder(folder, {**expected, "heads": "0" * 64})
+        check_folder(folder, {**expected, "heads": "0" * 64}, UNLISTED_FILES)
 
 
 def test_check_folder_rejects_escaping_listed_name(artifact):
     folder, expected = artifact
     with pytest.raises(ArtifactError, match="not a plain relative path"):
-        check_folder(folder, {**expected, "../outside": "0" * 64})
+        check_folder(folder, {**expected, "../outside": "0" * 64}, UNLISTED_FILES)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fusion_engine import ConfigError, FusionEngineError
-from fusion_engine.scaffold import KINDS, NAME_RULE, ScaffoldError, cmd_new_plugin, names, new_plugin
+from fusion_engine.cli.new_plugin import run as cmd_new_plugin
+from fusion_engine.scaffold import KINDS, NAME_RULE, ScaffoldError, names, new_plugin
 
 GENERATED = {"fusion": "tinyfuse", "backbone": "tiny-net", "extractor": "mean_std"}
 
@@ -20,9 +21,24 @@ def pip_install(packages, target: Path, env: dict) -> None:
     """``pip install --no-deps --target``: offline, with this environment's setuptools when it has one."""
     # without setuptools here (Python >= 3.12 venvs), pip fetches it into an isolated build environment
     isolation = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation,
-                             "--target", str(target), *map(str, packages)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            *isolation,
+            "--target",
+            str(target),
+            *map(str, packages),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -33,15 +49,24 @@ def test_every_kind_installs_and_passes_its_own_tests(tmp_path, subprocess_env):
     site = tmp_path / "site"
     pip_install(packages, site, subprocess_env)
     assert {p.name for p in site.glob("fusion_engine_*.dist-info")} == {
-        "fusion_engine_tinyfuse-0.1.0.dist-info", "fusion_engine_tiny_net-0.1.0.dist-info",
-        "fusion_engine_mean_std-0.1.0.dist-info"}
+        "fusion_engine_tinyfuse-0.1.0.dist-info",
+        "fusion_engine_tiny_net-0.1.0.dist-info",
+        "fusion_engine_mean_std-0.1.0.dist-info",
+    }
     env = {**subprocess_env, "PYTHONPATH": str(site)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, packages)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, packages)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "15 passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]  # entry points too
-    listing = subprocess.run([sys.executable, "-m", "fusion_engine", "list"], env=env, capture_output=True,
-                             text=True, timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "fusion_engine", "list"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert listing.returncode == 0, listing.stderr
     for kind, name in GENERATED.items():
         component = names(name)["component"]
@@ -51,8 +76,14 @@ def test_every_kind_installs_and_passes_its_own_tests(tmp_path, subprocess_env):
 def test_layout_and_entry_point(tmp_path):
     path = new_plugin("gatedsum", "fusion", tmp_path)
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    assert files == ["README.md", "fusion_engine_gatedsum/__init__.py", "fusion_engine_gatedsum/fusion.py",
-                     "fusion_engine_gatedsum/plugin.py", "pyproject.toml", "tests/test_fusion_engine_gatedsum.py"]
+    assert files == [
+        "README.md",
+        "fusion_engine_gatedsum/__init__.py",
+        "fusion_engine_gatedsum/fusion.py",
+        "fusion_engine_gatedsum/plugin.py",
+        "pyproject.toml",
+        "tests/test_fusion_engine_gatedsum.py",
+    ]
     pyproject = (path / "pyproject.toml").read_text()
     assert 'name = "fusion-engine-gatedsum"' in pyproject
     assert '[project.entry-points.fusion_engine]\ngatedsum = "fusion_engine_gatedsum.plugin"' in pyproject
@@ -74,8 +105,9 @@ def test_refuses_to_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fusion-engine-taken"]
 
 
-@pytest.mark.parametrize("name", ["", "Maxout", "2fast", "my fusion", "my--fusion", "trailing-", "dots.no", "x" * 41,
-                                  "über", "a:b"])
+@pytest.mark.parametrize(
+    "name", ["", "Maxout", "2fast", "my fusion", "my--fusion", "trailing-", "dots.no", "x" * 41, "über", "a:b"]
+)
 def test_invalid_names_state_the_rule(tmp_path, name):
     with pytest.raises(ConfigError, match="invalid plugin name") as info:
         new_plugin(name, "fusion", tmp_path)
@@ -97,9 +129,14 @@ def test_prefix_and_kind_and_clashes(tmp_path):
 
 
 def test_names():
-    assert names("my-fusion") == {"name": "my-fusion", "distribution": "fusion-engine-my-fusion",
-                                  "module": "fusion_engine_my_fusion", "component": "my_fusion",
-                                  "factory": "my_fusion", "Class": "MyFusion"}
+    assert names("my-fusion") == {
+        "name": "my-fusion",
+        "distribution": "fusion-engine-my-fusion",
+        "module": "fusion_engine_my_fusion",
+        "component": "my_fusion",
+        "factory": "my_fusion",
+        "Class": "MyFusion",
+    }
     assert names("class")["factory"] == "class_"  # a keyword cannot name a function
     assert set(KINDS) == set(GENERATED)
 

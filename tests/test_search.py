@@ -6,17 +6,24 @@ features) and, for the CLI round trip, tiny timm models saved as local weights w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 from torch import nn
 
+import fusion_engine
 from fusion_engine import Engine, hookimpl
-from fusion_engine.data import ArrayImageDataset, load_dataset, stratified_split
-from fusion_engine.search import (DEFAULT_GRID, SearchConfig, Searcher, load_candidates, rank_agreement, search,
-                                  side_paths)
+from fusion_engine.core.data import ArrayImageDataset, load_dataset, stratified_split
+from fusion_engine.errors import ConfigError
+from fusion_engine.search.candidates import DEFAULT_GRID, load_candidates
+from fusion_engine.search.config import SearchConfig
+from fusion_engine.search.result import SearchResult, side_paths
+from fusion_engine.search.run import search
+from fusion_engine.search.selection import Searcher, rank_agreement
 
 
 class Pixels(nn.Module):
@@ -25,8 +32,12 @@ class Pixels(nn.Module):
     def __init__(self, size: int, region: str):
         super().__init__()
         self.region = region
-        self.data_config = {"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
-                            "interpolation": "bilinear"}
+        self.data_config = {
+            "input_size": (3, size, size),
+            "mean": (0.0, 0.0, 0.0),
+            "std": (1.0, 1.0, 1.0),
+            "interpolation": "bilinear",
+        }
 
     def forward(self, x):
         grey = x.mean(dim=1)
@@ -123,16 +134,24 @@ def test_selection_never_reads_the_test_split(engine, digits, tmp_path, monkeypa
         return outcome
 
     monkeypatch.setattr(Searcher, "run", run_then_allow)
-    options = dict(engine=engine, fusions=QUICK, screen="stacking", cache_dir=tmp_path / "cache", folds=3,
-                   max_branches=1, baseline=False, log=lambda *a: None)
+    options = dict(
+        engine=engine,
+        fusions=QUICK,
+        screen="stacking",
+        cache_dir=tmp_path / "cache",
+        folds=3,
+        max_branches=1,
+        baseline=False,
+        log=lambda *a: None,
+    )
     clean = search(train, [FULL, LEFT], **options)
     allowed["read"] = False
     leaked = search(train, [FULL, LEFT], test=poisoned, **options)
 
     assert clean.winner["backbones"] == ["full"] == leaked.winner["backbones"]  # the whole image, both times
     # the second search reads the first one's features; extraction speed is then timed on the extraction path
-    assert all(c.cached and c.images_per_second > 0 for c in leaked._candidates)
-    assert not any(c.cached for c in clean._candidates)
+    assert all(c.cached and c.images_per_second > 0 for c in leaked.candidates)
+    assert not any(c.cached for c in clean.candidates)
     assert clean.winner_config == leaked.winner_config
     cv = lambda result: {r["candidate"]: r["cv_folds"] for r in result.rows}  # noqa: E731
     assert cv(clean) == cv(leaked)
@@ -141,12 +160,24 @@ def test_selection_never_reads_the_test_split(engine, digits, tmp_path, monkeypa
     left_best = max(v for k, v in held.items() if "[left]" in k)
     assert left_best > leaked.winner["held_out"] + 0.1, held
     assert leaked.ranking is not None and leaked.ranking["agree"] is False  # and the report says so
+    # the result's shape is its declared fields: nothing is attached to it from outside
+    assert set(vars(leaked)) == {f.name for f in dataclasses.fields(SearchResult)}
+    assert leaked.to_dict()["cv_training"]["folds"] == 3
 
 
 def test_plugin_fusion_is_a_candidate_and_a_failing_one_is_reported(engine, digits, tmp_path):
     train, _ = digits
-    result = search(train, [FULL], engine=engine, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=2,
-                    epochs=2, max_branches=1, baseline=False)
+    result = search(
+        train,
+        [FULL],
+        engine=engine,
+        cache_dir=tmp_path / "cache",
+        log=lambda *a: None,
+        folds=2,
+        epochs=2,
+        max_branches=1,
+        baseline=False,
+    )
     tried = result.fusions["tried"]
     assert "mean_of_linear" in tried and "broken_fusion" in tried
     registered = engine.registry.names("fusion")
@@ -161,11 +192,32 @@ def test_plugin_fusion_is_a_candidate_and_a_failing_one_is_reported(engine, digi
 def test_time_budget_is_respected(engine, digits, tmp_path):
     train, _ = digits
     candidates = [{"name": "pixels", "size": s, "label": f"px{s}"} for s in (8, 10, 12, 14, 16, 20)]
-    search(train, candidates, engine=engine, fusions=["concat"], cache_dir=tmp_path / "cache", log=lambda *a: None,
-           folds=2, epochs=1, max_branches=1, baseline=False)  # fills the cache: extraction is outside the budget
+    search(
+        train,
+        candidates,
+        engine=engine,
+        fusions=["concat"],
+        cache_dir=tmp_path / "cache",
+        log=lambda *a: None,
+        folds=2,
+        epochs=1,
+        max_branches=1,
+        baseline=False,
+    )  # fills the cache: extraction is outside the budget
     budget_minutes = 0.05  # 3 s, for some 40 rows of 3 folds each
-    result = search(train, candidates, engine=engine, cache_dir=tmp_path / "cache", log=lambda *a: None, folds=3,
-                    epochs=5, patience=5, time_budget=budget_minutes, max_branches=3, baseline=False)
+    result = search(
+        train,
+        candidates,
+        engine=engine,
+        cache_dir=tmp_path / "cache",
+        log=lambda *a: None,
+        folds=3,
+        epochs=5,
+        patience=5,
+        time_budget=budget_minutes,
+        max_branches=3,
+        baseline=False,
+    )
     timing = result.timing
     assert timing["budget_exhausted"] and "time budget" in result.stopped
     assert timing["evaluations"] >= 2  # it did use the budget
@@ -181,9 +233,17 @@ def test_time_budget_is_respected(engine, digits, tmp_path):
 
 def test_greedy_selection_stops_within_fold_noise(engine, digits, tmp_path):
     train, _ = digits
-    result = search(train, [FULL, FULL | {"size": 9, "label": "full9"}, LEFT], engine=engine,
-                    fusions={"stacking": [{}]}, screen="stacking", cache_dir=tmp_path / "cache",
-                    log=lambda *a: None, folds=3, max_branches=3)
+    result = search(
+        train,
+        [FULL, FULL | {"size": 9, "label": "full9"}, LEFT],
+        engine=engine,
+        fusions={"stacking": [{}]},
+        screen="stacking",
+        cache_dir=tmp_path / "cache",
+        log=lambda *a: None,
+        folds=3,
+        max_branches=3,
+    )
     kinds = [r["kind"] for r in result.leaderboard]
     assert kinds.count("baseline") == 1 and kinds.count("single") == 3
     steps = result.steps
@@ -195,13 +255,30 @@ def test_greedy_selection_stops_within_fold_noise(engine, digits, tmp_path):
     board = result.leaderboard
     assert board[0]["kind"] == "baseline" and board[1]["kind"] == "fused" and board[2]["winner"]
     for row in board:
-        assert set(row) >= {"candidate", "cv_mean", "cv_std", "held_out", "feature_width", "images_per_second",
-                            "parameters"}
+        assert set(row) >= {
+            "candidate",
+            "cv_mean",
+            "cv_std",
+            "held_out",
+            "feature_width",
+            "images_per_second",
+            "parameters",
+        }
     assert "| rank | candidate |" in result.table()
     # prefer_fewer=False: the best CV row of all, here the pair within the noise
-    best = search(train, [FULL, FULL | {"size": 9, "label": "full9"}, LEFT], engine=engine,
-                  fusions={"stacking": [{}]}, screen="stacking", cache_dir=tmp_path / "cache", log=lambda *a: None,
-                  folds=3, max_branches=3, baseline=False, prefer_fewer=False)
+    best = search(
+        train,
+        [FULL, FULL | {"size": 9, "label": "full9"}, LEFT],
+        engine=engine,
+        fusions={"stacking": [{}]},
+        screen="stacking",
+        cache_dir=tmp_path / "cache",
+        log=lambda *a: None,
+        folds=3,
+        max_branches=3,
+        baseline=False,
+        prefer_fewer=False,
+    )
     assert best.winner["candidate"] == board[1]["candidate"] and len(best.winner["backbones"]) == 2
 
 
@@ -210,7 +287,7 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
     import timm
     from safetensors.torch import save_file
 
-    from fusion_engine import FusedClassifier, cli
+    from fusion_engine import cli
 
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -219,9 +296,14 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
         torch.manual_seed(seed)
         net = timm.create_model(model, num_classes=0)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights / f"{model}.safetensors")
-        index[f"{model}.seed{seed}"] = {"architecture": f"timm:{model}", "input_size": [3, 32, 32],
-                                        "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                                        "file": f"{model}.safetensors"}
+        index[f"{model}.seed{seed}"] = {
+            "architecture": f"timm:{model}",
+            "input_size": [3, 32, 32],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bilinear",
+            "file": f"{model}.safetensors",
+        }
     index["not_timm.v1"] = {"architecture": "something else", "file": "missing.safetensors"}
     (weights / "index.json").write_text(json.dumps(index))
     monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(weights))
@@ -231,11 +313,39 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
     for name, part in (("train", train), ("test", test)):
         np.savez(tmp_path / f"{name}.npz", x=part.images.numpy(), y=part.targets, classes=np.array(part.classes))
     (tmp_path / "cands.json").write_text(json.dumps({"fusions": {"concat": [{}], "stacking": [{}, {"C": 0.1}]}}))
-    common = ["--data", str(tmp_path / "train.npz"), "--data-test", str(tmp_path / "test.npz"), "--cache-dir",
-              str(tmp_path / "cache"), "--epochs", "5", "-q", "--json"]
+    common = [
+        "--data",
+        str(tmp_path / "train.npz"),
+        "--data-test",
+        str(tmp_path / "test.npz"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--epochs",
+        "5",
+        "-q",
+        "--json",
+    ]
     run = tmp_path / "searched"
-    assert cli.main(["train", "--search", "--candidates", str(tmp_path / "cands.json"), "--out", str(run),
-                     "--folds", "2", "--max-branches", "2", "--search-epochs", "5", *common]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--search",
+                "--candidates",
+                str(tmp_path / "cands.json"),
+                "--out",
+                str(run),
+                "--folds",
+                "2",
+                "--max-branches",
+                "2",
+                "--search-epochs",
+                "5",
+                *common,
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     config_file, board_file = side_paths(run)
     assert out["config"] == str(config_file) and config_file.is_file() and board_file.is_file()
@@ -243,17 +353,18 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
     assert [s["candidate"] for s in board["not_buildable"]] == ["timm:not_timm.v1"]
     if "handcrafted" in Engine.from_plugins().registry.names("backbone"):  # its plugin joins the default candidates
         assert any(r["backbones"] == ["handcrafted"] for r in board["leaderboard"])
-    assert any(r["winner"] for r in board["leaderboard"]) and board["winner_config"] == json.loads(config_file.read_text())
+    assert any(r["winner"] for r in board["leaderboard"])
+    assert board["winner_config"] == json.loads(config_file.read_text())
     assert all(r["held_out"] is not None for r in board["leaderboard"] if r["cv_mean"] is not None)
 
     again = tmp_path / "rerun"
     assert cli.main(["train", "--config", str(config_file), "--out", str(again), *common]) == 0
     rerun = json.loads(capsys.readouterr().out)
     assert rerun["accuracy"] == out["accuracy"]
-    first, second = FusedClassifier.load(run), FusedClassifier.load(again)
+    first, second = fusion_engine.load(run), fusion_engine.load(again)
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert first.extras["history"]["search"]["winner"] == board["winner"]  # the leaderboard is in the manifest
+    assert first.history["search"]["winner"] == board["winner"]  # the leaderboard is in the manifest
 
 
 def test_candidates_file_forms(tmp_path):
@@ -266,13 +377,23 @@ def test_candidates_file_forms(tmp_path):
         load_candidates({"backbone": []})
     with pytest.raises(Exception, match="no candidate backbones"):
         load_candidates(None)  # no weights folder configured
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         SearchConfig(folds=1)
 
 
+def test_bad_search_options_are_config_errors():
+    # checked before anything is loaded or built: no data, no engine needed
+    with pytest.raises(ConfigError, match=r"search options: option 'folds': .*greater than or equal to 2 \(got 1\)"):
+        search(None, [FULL], folds=1)
+    with pytest.raises(ConfigError, match=r"unknown option 'fold' \(did you mean 'folds'\?\)"):
+        search(None, [FULL], fold=3)
+
+
 def test_rank_agreement_reports_disagreement():
-    rows = [{"candidate": c, "cv_mean": cv, "held_out": h} for c, cv, h in
-            [("a", 0.9, 0.80), ("b", 0.89, 0.90), ("c", 0.5, 0.5)]]
+    rows = [
+        {"candidate": c, "cv_mean": cv, "held_out": h}
+        for c, cv, h in [("a", 0.9, 0.80), ("b", 0.89, 0.90), ("c", 0.5, 0.5)]
+    ]
     verdict = rank_agreement(rows, n_test=2000)
     assert verdict["agree"] is False and "a (" in verdict["discordant"][0] and "NOT" in verdict["statement"]
     rows[1]["held_out"] = 0.805  # swapped, but within held-out noise

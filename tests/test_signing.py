@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fusion_engine.artifacts.signing import generate_keypair, sign_manifest, verify_manifest
 from fusion_engine.errors import ArtifactError
-from fusion_engine.signing import generate_keypair, sign_manifest, verify_manifest
 
 
 def make_artifact(folder, digest="ab" * 32):

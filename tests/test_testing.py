@@ -13,14 +13,22 @@ from torch import nn
 
 from fusion_engine import Engine, hookimpl
 from fusion_engine.builtins import extractors, fusions
-from fusion_engine.plugins import PluginLoader
-from fusion_engine.testing import (PluginRegistration, check_backbone, check_extractor, check_fusion, check_plugin,
-                                   plugin_fixture, registered_plugins)
+from fusion_engine.core.plugins import extra_plugins
+from fusion_engine.testing import (
+    PluginRegistration,
+    check_backbone,
+    check_extractor,
+    check_fusion,
+    check_plugin,
+    plugin_fixture,
+    registered_plugins,
+)
 
 SMALL = {"input_size": 32}  # timm test models at 32x32: fast
 
 
 # --- components used below ---------------------------------------------------------------------
+
 
 class Vector(nn.Module):
     """A well-behaved backbone giving vectors; subclasses break one rule each."""
@@ -75,8 +83,9 @@ def test_plugin_fixture_yields_an_engine_with_the_plugin(tiny_engine):
 
 
 def test_registered_plugins_context_manager_nests_and_restores_the_loader():
-    original = PluginLoader.load_given
-    with registered_plugins(TinyPlugin()):
+    tiny = TinyPlugin()
+    with registered_plugins(tiny):
+        assert extra_plugins() == [tiny]
         assert "vector" in Engine.from_plugins().registry.names("backbone")
 
         class Other:
@@ -86,17 +95,21 @@ def test_registered_plugins_context_manager_nests_and_restores_the_loader():
 
         with registered_plugins(Other()) as inner:
             engine = Engine.from_plugins()
-            assert {"vector"} <= set(engine.registry.names("backbone")) and "first" in engine.registry.names("extractor")
+            assert {"vector"} <= set(engine.registry.names("backbone")) and "first" in engine.registry.names(
+                "extractor"
+            )
         assert "first" not in Engine.from_plugins().registry.names("extractor")
         with pytest.raises(RuntimeError, match="closed"):
             inner(Other())
-    assert PluginLoader.load_given is original
+    assert extra_plugins() == []  # through the seam of core.plugins: nothing patched, nothing left
     assert "vector" not in Engine.from_plugins().registry.names("backbone")
 
 
 def test_register_plugin_undo_removes_only_its_plugins(register_plugin):
-    first, second = TinyPlugin(), type("Second", (), {"register_fusions": hookimpl(
-        lambda self, register: register("second", heads))})()
+    first, second = (
+        TinyPlugin(),
+        type("Second", (), {"register_fusions": hookimpl(lambda self, register: register("second", heads))})(),
+    )
     undo_first = register_plugin(first)
     register_plugin(second)
     assert {"heads", "second"} <= set(Engine.from_plugins().registry.names("fusion"))
@@ -114,17 +127,31 @@ def test_registered_plugin_is_checked_by_name(register_plugin):
 
 # --- the checks pass on the built-ins and the plugin packages -------------------------------------
 
-@pytest.mark.parametrize("name, options", [
-    ("timm:test_resnet", SMALL), ("timm:test_efficientnet", SMALL), ("timm:test_vit", {}),
-])
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("timm:test_resnet", SMALL),
+        ("timm:test_efficientnet", SMALL),
+        ("timm:test_vit", {}),
+    ],
+)
 def test_builtin_backbones_pass(name, options):
     backbone = check_backbone(name, **options)
     assert backbone.feature_dim > 0
 
 
-@pytest.mark.parametrize("name, options", [
-    ("avg", {}), ("max", {}), ("avgmax", {}), ("gem", {}), ("gem", {"learnable": True}), ("multiscale", {"stages": 2}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("avg", {}),
+        ("max", {}),
+        ("avgmax", {}),
+        ("gem", {}),
+        ("gem", {"learnable": True}),
+        ("multiscale", {"stages": 2}),
+    ],
+)
 def test_builtin_extractors_pass(name, options):
     assert check_extractor(name, **options) is not None
 
@@ -135,10 +162,18 @@ def test_token_extractor_passes_on_a_transformer():
     check_extractor("multiscale", backbone="timm:test_resnet", stages=3, pool="avgmax")
 
 
-@pytest.mark.parametrize("name, options", [
-    ("concat", {}), ("concat", {"hidden": 8}), ("attention", {"dim": 16, "heads": 2}), ("gated", {"dim": 8}),
-    ("vote", {}), ("vote", {"weights": [1.0, 3.0]}), ("stacking", {"folds": 2}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("concat", {}),
+        ("concat", {"hidden": 8}),
+        ("attention", {"dim": 16, "heads": 2}),
+        ("gated", {"dim": 8}),
+        ("vote", {}),
+        ("vote", {"weights": [1.0, 3.0]}),
+        ("stacking", {"folds": 2}),
+    ],
+)
 def test_builtin_fusions_pass(name, options):
     fusion = check_fusion(name, **options)
     if name == "stacking":
@@ -184,12 +219,15 @@ def test_check_plugin_needs_components_and_required_options():
 
 # --- the checks catch broken components -----------------------------------------------------------
 
+
 def test_unknown_name_bad_option_and_failing_factory():
     with pytest.raises(AssertionError, match=r"unknown fusion 'concatt' \(did you mean 'concat'\?\).*register_plugin"):
         check_fusion("concatt")
     with pytest.raises(AssertionError, match=r"options rejected: .*unknown option 'hiden'.*did you mean 'hidden'"):
         check_fusion("concat", hiden=3)
-    with pytest.raises(AssertionError, match=r"building it with options .* raised ValueError: dim must be a positive multiple of heads"):
+    with pytest.raises(
+        AssertionError, match=r"building it with options .* raised ValueError: dim must be a positive multiple of heads"
+    ):
         check_fusion("attention", dim=10, heads=4)
     with pytest.raises(AssertionError, match="must return a torch.nn.Module"):
         check_fusion(lambda in_dims, num_classes: "not a module")
@@ -250,17 +288,24 @@ class BadConfig(Vector):
         self.data_config = {"input_size": (3, 8, 8), "mean": (0.5,), "std": (0.5,) * 3, "interpolation": "bilinear"}
 
 
-@pytest.mark.parametrize("factory, message", [
-    (WrongBatch, r"forward\(images\) gave shape \(1, 12\) for a batch of 2; expected \(batch, dim\)"),
-    (WrongDim, r"feature_dim is 7 but forward gives 6 features .*set feature_dim = 6"),
-    (NoGradient, r"none of its 2 trainable parameters gets a gradient.*torch.no_grad\(\)"),
-    (Noisy, r"two eval-mode forward passes on the same input differ.*no dropout or noise unless self.training"),
-    (BatchDependent, r"an image alone gives other results than in a batch.*batch statistics"),
-    (UnsavedState, r"differs .*missing from state_dict\(\); register tensors as nn.Parameter or with register_buffer"),
-    (ExtraState, r"state_dict\(\) holds non-tensor values \{'_extra_state': 'dict'\}"),
-    (BadStages, r"last of forward_stages\(images\) .* must equal forward\(images\)"),
-    (BadConfig, r"data_config\['mean'\] is \(0.5,\); give one number per channel \(3\)"),
-], ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (WrongBatch, r"forward\(images\) gave shape \(1, 12\) for a batch of 2; expected \(batch, dim\)"),
+        (WrongDim, r"feature_dim is 7 but forward gives 6 features .*set feature_dim = 6"),
+        (NoGradient, r"none of its 2 trainable parameters gets a gradient.*torch.no_grad\(\)"),
+        (Noisy, r"two eval-mode forward passes on the same input differ.*no dropout or noise unless self.training"),
+        (BatchDependent, r"an image alone gives other results than in a batch.*batch statistics"),
+        (
+            UnsavedState,
+            r"differs .*missing from state_dict\(\); register tensors as nn.Parameter or with register_buffer",
+        ),
+        (ExtraState, r"state_dict\(\) holds non-tensor values \{'_extra_state': 'dict'\}"),
+        (BadStages, r"last of forward_stages\(images\) .* must equal forward\(images\)"),
+        (BadConfig, r"data_config\['mean'\] is \(0.5,\); give one number per channel \(3\)"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
 def test_broken_backbones_are_caught(factory, message):
     with pytest.raises(AssertionError, match=message) as info:
         check_backbone(factory)
@@ -329,17 +374,21 @@ class FitDoesNothing(Heads):
         return self
 
 
-@pytest.mark.parametrize("factory, message", [
-    (WrongClasses, r"gave shape \(4, 4\); expected logits \(batch, num_classes\) = \(4, 3\)"),
-    (DetachedBranch, r"no gradient reaches the features of branch\(es\) \[1\]"),
-    (NoGraph, r"its logits carry no gradient in train mode.*requires_fit = True"),
-    (UnusedParameter, r"trainable parameters \['unused.weight', 'unused.bias'\] get no gradient"),
-    (NoisyFusion, r"two eval-mode forward passes on the same input differ"),
-    (lambda in_dims, num_classes: Parameterless(), r"no trainable parameters and does not set requires_fit"),
-    (PickledFit, r"logits differs .*missing from state_dict\(\)"),
-    (FitReturnsNone, r"fit\(features, y\) must return self"),
-    (FitDoesNothing, r"after fit\(\) on separable features it is right on only"),
-], ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (WrongClasses, r"gave shape \(4, 4\); expected logits \(batch, num_classes\) = \(4, 3\)"),
+        (DetachedBranch, r"no gradient reaches the features of branch\(es\) \[1\]"),
+        (NoGraph, r"its logits carry no gradient in train mode.*requires_fit = True"),
+        (UnusedParameter, r"trainable parameters \['unused.weight', 'unused.bias'\] get no gradient"),
+        (NoisyFusion, r"two eval-mode forward passes on the same input differ"),
+        (lambda in_dims, num_classes: Parameterless(), r"no trainable parameters and does not set requires_fit"),
+        (PickledFit, r"logits differs .*missing from state_dict\(\)"),
+        (FitReturnsNone, r"fit\(features, y\) must return self"),
+        (FitDoesNothing, r"after fit\(\) on separable features it is right on only"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
 def test_broken_fusions_are_caught(factory, message):
     with pytest.raises(AssertionError, match=message):
         check_fusion(factory)
@@ -362,12 +411,19 @@ class StagesWithoutCheck(nn.Module):
         return stages[-1].mean(dim=(2, 3))
 
 
-@pytest.mark.parametrize("factory, backbone, message", [
-    (lambda backbone: DetachedExtractor(), None, r"no gradient flows back to the backbone's features"),
-    (lambda backbone: MapExtractor(), None, r"gave shape \(2, 12, 4\) for a batch of 2; expected \(batch, dim\)"),
-    (lambda backbone: StagesWithoutCheck(), Vector(), r"uses_stages = True but accepted a backbone without "
-                                                      r"forward_stages\(\); raise ValueError"),
-])
+@pytest.mark.parametrize(
+    "factory, backbone, message",
+    [
+        (lambda backbone: DetachedExtractor(), None, r"no gradient flows back to the backbone's features"),
+        (lambda backbone: MapExtractor(), None, r"gave shape \(2, 12, 4\) for a batch of 2; expected \(batch, dim\)"),
+        (
+            lambda backbone: StagesWithoutCheck(),
+            Vector(),
+            r"uses_stages = True but accepted a backbone without "
+            r"forward_stages\(\); raise ValueError",
+        ),
+    ],
+)
 def test_broken_extractors_are_caught(factory, backbone, message):
     with pytest.raises(AssertionError, match=message):
         check_extractor(factory, backbone=backbone)

@@ -32,14 +32,31 @@ def reference_mobilenet(path):
     """As /work/shared/weights/README.md loads it, with timm's own pretrained loader."""
     import timm
 
-    return timm.create_model("mobilenetv2_100", pretrained=True, pad_type="same", num_classes=0,
-                             pretrained_cfg_overlay=dict(file=str(path), mean=(0.5,) * 3, std=(0.5,) * 3)).eval()
+    return timm.create_model(
+        "mobilenetv2_100",
+        pretrained=True,
+        pad_type="same",
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(path), mean=(0.5,) * 3, std=(0.5,) * 3),
+    ).eval()
 
 
 def test_local_weights_give_the_same_features_as_timm(engine, mobilenet_file):
-    model = engine.build({"backbones": [{
-        "name": "timm", "model": "mobilenetv2_100", "model_kwargs": {"pad_type": "same"},
-        "weights": str(mobilenet_file), "mean": [0.5] * 3, "std": [0.5] * 3}], "num_classes": 2}).eval()
+    model = engine.build(
+        {
+            "backbones": [
+                {
+                    "name": "timm",
+                    "model": "mobilenetv2_100",
+                    "model_kwargs": {"pad_type": "same"},
+                    "weights": str(mobilenet_file),
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                }
+            ],
+            "num_classes": 2,
+        }
+    ).eval()
     assert model.branches[0].backbone.data_config["input_size"] == (3, 224, 224)
 
     torch.manual_seed(0)
@@ -64,16 +81,21 @@ def test_weights_by_index_name(engine, shared_dir, mobilenet_file, monkeypatch):
     model = engine.build(config).eval()
     assert model.branch_names == [f"timm:{MOBILENET}"]
     backbone = model.branches[0].backbone
-    assert backbone.data_config == {"input_size": (3, 224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-                                    "interpolation": "bilinear"}
+    assert backbone.data_config == {
+        "input_size": (3, 224, 224),
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear",
+    }
     assert backbone.model.default_cfg["architecture"] == "mobilenetv2_100"
     # pad_type="same" from the index's timm_kwargs: timm then uses its dynamic 'same' padding convolution
     assert any(type(m).__name__ == "Conv2dSame" for m in backbone.model.modules())
 
     normalised = (torch.rand(1, 3, 224, 224) - 0.5) / 0.5
     with torch.no_grad():
-        torch.testing.assert_close(model.branches[0](normalised), reference_mobilenet(mobilenet_file)(normalised),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.branches[0](normalised), reference_mobilenet(mobilenet_file)(normalised), atol=1e-5, rtol=0
+        )
 
 
 def test_mobilenet_v1_widths_timm_does_not_register(engine, shared_dir, monkeypatch):
@@ -82,8 +104,9 @@ def test_mobilenet_v1_widths_timm_does_not_register(engine, shared_dir, monkeypa
     from timm.models.efficientnet import _gen_mobilenet_v1
 
     monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(shared_dir / "weights"))
-    model = engine.build({"backbones": [{"name": "timm", "weights": "mobilenetv1_025.tf1_quant_in1k"}],
-                          "num_classes": 2}).eval()
+    model = engine.build(
+        {"backbones": [{"name": "timm", "weights": "mobilenetv1_025.tf1_quant_in1k"}], "num_classes": 2}
+    ).eval()
     backbone = model.branches[0].backbone
     assert backbone.data_config["input_size"] == (3, 128, 128)
     assert backbone.rebuild_options["model"] == "mobilenetv1_025"
@@ -106,14 +129,16 @@ def test_mobilenet_v1_widths_timm_does_not_register(engine, shared_dir, monkeypa
 def test_missing_weights_file(engine, tmp_path):
     missing = tmp_path / "nothing.safetensors"
     with pytest.raises(WeightsError, match=rf"weights file {missing} does not exist"):
-        engine.build({"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(missing)}],
-                      "num_classes": 2})
+        engine.build(
+            {"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(missing)}], "num_classes": 2}
+        )
 
 
 def test_weights_of_another_architecture(engine, mobilenet_file):
     with pytest.raises(WeightsError) as info:
-        engine.build({"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(mobilenet_file)}],
-                      "num_classes": 2})
+        engine.build(
+            {"backbones": [{"name": "timm", "model": "test_resnet", "weights": str(mobilenet_file)}], "num_classes": 2}
+        )
     message = str(info.value)
     assert f"weights file {mobilenet_file} does not fit timm model 'test_resnet'" in message
     assert "missing" in message and "unexpected" in message and "Check the model name" in message
@@ -122,8 +147,19 @@ def test_weights_of_another_architecture(engine, mobilenet_file):
 def test_weights_of_another_width(engine, mobilenet_file):
     # the same layers at another width: every key is there, the shapes differ
     with pytest.raises(WeightsError, match=r"does not fit timm model .mobilenetv2_050.*another shape"):
-        engine.build({"backbones": [{"name": "timm", "model": "mobilenetv2_050", "weights": str(mobilenet_file),
-                                     "model_kwargs": {"pad_type": "same"}}], "num_classes": 2})
+        engine.build(
+            {
+                "backbones": [
+                    {
+                        "name": "timm",
+                        "model": "mobilenetv2_050",
+                        "weights": str(mobilenet_file),
+                        "model_kwargs": {"pad_type": "same"},
+                    }
+                ],
+                "num_classes": 2,
+            }
+        )
 
 
 def test_pretrained_offline_fails_fast_with_a_clear_message(engine):
@@ -148,8 +184,7 @@ def test_pretrained_does_not_hang_when_the_network_hangs(engine, monkeypatch):
     start = time.monotonic()
     try:
         with pytest.raises(WeightsError, match="weights"):
-            engine.build({"backbones": [{"name": "timm", "model": "resnet18", "pretrained": True}],
-                          "num_classes": 2})
+            engine.build({"backbones": [{"name": "timm", "model": "resnet18", "pretrained": True}], "num_classes": 2})
         assert time.monotonic() - start < 10
     finally:
         release.set()
@@ -166,8 +201,20 @@ def test_timm_backbone_needs_a_model(engine):
 
 
 def test_data_config_overrides(engine):
-    model = engine.build({"backbones": [{"name": "timm", "model": "test_efficientnet", "input_size": [40, 48],
-                                         "mean": [0.1, 0.2, 0.3], "interpolation": "bilinear"}], "num_classes": 2})
+    model = engine.build(
+        {
+            "backbones": [
+                {
+                    "name": "timm",
+                    "model": "test_efficientnet",
+                    "input_size": [40, 48],
+                    "mean": [0.1, 0.2, 0.3],
+                    "interpolation": "bilinear",
+                }
+            ],
+            "num_classes": 2,
+        }
+    )
     config = model.branches[0].backbone.data_config
     assert config["input_size"] == (3, 40, 48)
     assert config["mean"] == (0.1, 0.2, 0.3)
@@ -182,8 +229,9 @@ def test_backbone_contract(engine):
     assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, 96, 1, 1)  # a feature map
 
 
-@pytest.mark.parametrize("model, extra_final", [("test_resnet", False), ("test_convnext", False),
-                                                ("test_efficientnet", True)])
+@pytest.mark.parametrize(
+    "model, extra_final", [("test_resnet", False), ("test_convnext", False), ("test_efficientnet", True)]
+)
 def test_forward_stages_lists_each_stage_once(engine, model, extra_final):
     backbone = engine.build({"backbones": [f"timm:{model}"], "num_classes": 2}).branches[0].backbone
     x = torch.rand(1, 3, 64, 64)
@@ -198,7 +246,17 @@ def test_forward_stages_lists_each_stage_once(engine, model, extra_final):
 
 
 def test_vit_tokens_and_prefix(engine):
-    backbone = engine.build({"backbones": [{"name": "timm", "model": "test_vit", "model_kwargs": {"img_size": 32},
-                                            "input_size": 32}], "num_classes": 2}).branches[0].backbone
+    backbone = (
+        engine.build(
+            {
+                "backbones": [
+                    {"name": "timm", "model": "test_vit", "model_kwargs": {"img_size": 32}, "input_size": 32}
+                ],
+                "num_classes": 2,
+            }
+        )
+        .branches[0]
+        .backbone
+    )
     assert backbone.num_prefix_tokens == 1
     assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, 5, 64)  # class token + 2x2 patches

@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import fusion_engine
 from fusion_engine import ConfigError, DataError, Engine, FusedClassifier
-from fusion_engine.data import load_dataset
-from fusion_engine.features import FeatureCache
-from fusion_engine.training import TrainConfig, prepare_data
+from fusion_engine.core.data import load_dataset
+from fusion_engine.training.config import TrainConfig
+from fusion_engine.training.feature_cache import FeatureCache
+from fusion_engine.training.fit import prepare_data
 
 RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32}
 EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32}
@@ -26,7 +28,7 @@ def digits(n: int, offset: int = 0):
 
     d = load_digits(n_class=4)
     x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return x[offset:offset + n], d.target[offset:offset + n]
+    return x[offset : offset + n], d.target[offset : offset + n]
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +103,13 @@ def test_cache_is_invalidated_by_weights_preprocessing_and_data(engine, train_da
     # different random seed -> different weights in both branches
     assert extract(build(engine, seed=1), train_data, cache) == {"hits": 0, "extracted": 2}
     # preprocessing of the first branch only (the largest input size, 32, stays the same)
-    assert extract(build(engine, backbones=({**RESNET, "input_size": 24}, EFFNET)), train_data, cache) == \
-        {"hits": 1, "extracted": 1}
-    assert extract(build(engine, backbones=({**RESNET, "mean": [0.4] * 3, "std": [0.3] * 3}, EFFNET)), train_data,
-                   cache) == {"hits": 1, "extracted": 1}
+    assert extract(build(engine, backbones=({**RESNET, "input_size": 24}, EFFNET)), train_data, cache) == {
+        "hits": 1,
+        "extracted": 1,
+    }
+    assert extract(
+        build(engine, backbones=({**RESNET, "mean": [0.4] * 3, "std": [0.3] * 3}, EFFNET)), train_data, cache
+    ) == {"hits": 1, "extracted": 1}
     # data: one pixel of one image
     x, y = digits(200)
     x = x.copy()
@@ -120,8 +125,9 @@ def test_cache_is_invalidated_when_a_local_weights_file_changes(engine, train_da
     assert extract(build(engine, backbones=local), train_data, tmp_path / "cache") == {"hits": 0, "extracted": 2}
     assert extract(build(engine, backbones=local), train_data, tmp_path / "cache") == {"hits": 2, "extracted": 0}
     # same path, other tensors: only the branch with the changed file is extracted again
-    save_file({k: (v * 1.01 if v.is_floating_point() else v).contiguous() for k, v in source.state_dict().items()},
-              weights)
+    save_file(
+        {k: (v * 1.01 if v.is_floating_point() else v).contiguous() for k, v in source.state_dict().items()}, weights
+    )
     assert extract(build(engine, backbones=local), train_data, tmp_path / "cache") == {"hits": 1, "extracted": 1}
 
 
@@ -138,7 +144,7 @@ def test_cached_features_equal_fresh_ones_when_another_branch_changes_size(engin
 
 
 def test_interrupted_extraction_leaves_no_partial_cache_file(engine, train_data, tmp_path, monkeypatch):
-    import fusion_engine.features as features
+    import fusion_engine.training.feature_cache as features
 
     model = build(engine)
 
@@ -203,7 +209,7 @@ def test_same_seed_same_predictions_and_another_seed_another_split(engine, train
     def split(seed):
         return prepare_data(build(engine), train_data, None, TrainConfig(seed=seed))
 
-    (train1, val1), (train1b, val1b), (train2, val2) = split(1), split(1), split(2)
+    (train1, val1), (train1b, val1b), (_, val2) = split(1), split(1), split(2)
     assert val1.digest() == val1b.digest() and train1.digest() == train1b.digest()
     assert val1.digest() != val2.digest() and len(val1) == len(val2) == 30
     assert np.bincount(val1.targets).min() >= 7 and np.bincount(val2.targets).min() >= 7  # stratified either way
@@ -222,13 +228,13 @@ def test_saved_and_loaded_model_predicts_and_evaluates_identically(engine, train
     report = model.evaluate(test, cache=FeatureCache(tmp_path / "cache"), progress=False)
     model.save(tmp_path / "run")
 
-    loaded = FusedClassifier.load(tmp_path / "run")
+    loaded = fusion_engine.load(tmp_path / "run")
     assert loaded.class_names == CLASSES
     np.testing.assert_array_equal(loaded.predict_proba(x_test), before)
     again = loaded.evaluate(test, cache=FeatureCache(enabled=False), progress=False)
     for key in ("accuracy", "macro_f1", "n", "branches", "baselines", "confusion_matrix"):
         assert again[key] == report[key], key
-    assert loaded.extras["history"]["epochs"] == history["epochs"]
+    assert loaded.history["epochs"] == history["epochs"]
 
 
 def test_evaluate_maps_classes_by_name_and_refuses_other_classes(engine, train_data, test_arrays, tmp_path):
@@ -244,15 +250,16 @@ def test_evaluate_maps_classes_by_name_and_refuses_other_classes(engine, train_d
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "branches", "baselines"):
         assert remapped[key] == report[key], key
     with pytest.raises(DataError, match=r"classes .*differ from the model's"):
-        model.evaluate(load_dataset((x_test, y_test), classes=["zero", "one", "two", "seven"]), cache=cache,
-                       progress=False)
+        model.evaluate(
+            load_dataset((x_test, y_test), classes=["zero", "one", "two", "seven"]), cache=cache, progress=False
+        )
 
 
 # --- fine-tuning: interrupt and resume ---------------------------------------------------------
 
 
 def test_interrupted_finetune_resumes_to_the_uninterrupted_result(engine, tmp_path, monkeypatch):
-    import fusion_engine.finetune as finetune
+    import fusion_engine.training.finetune as finetune
 
     data = load_dataset(digits(96), classes=CLASSES)
     options = dict(mode="finetune", epochs=2, batch_size=32, baselines=False, cache_dir=tmp_path / "cache", **QUIET)
@@ -280,3 +287,11 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(engine, tmp_pa
 
     with pytest.raises(ConfigError, match="no checkpoint"):
         build(engine).fit(data, checkpoint_dir=tmp_path / "nothing-here", resume=True, **options)
+
+
+def test_a_misspelt_fit_option_is_an_error_with_a_suggestion(engine):
+    model = build(engine)
+    with pytest.raises(ConfigError, match=r"unknown option 'epoch' \(did you mean 'epochs'\?\)\. Valid options: mode"):
+        model.fit("digits", epoch=3)
+    with pytest.raises(ConfigError, match=r"option 'epochs': Input should be greater than or equal to 1 \(got 0\)"):
+        model.fit("digits", epochs=0)

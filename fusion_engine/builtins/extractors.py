@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fusion_engine import hookimpl
+from fusion_engine.plugin_api import hookimpl
 
 
 def _pool(x: torch.Tensor, how: str, prefix_tokens: int = 0, p: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +65,7 @@ class MultiScale(nn.Module):
         self.prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
 
     def forward(self, outputs: list[torch.Tensor]):
-        return torch.cat([_pool(x, self.how, self.prefix_tokens) for x in outputs[-self.stages:]], dim=1)
+        return torch.cat([_pool(x, self.how, self.prefix_tokens) for x in outputs[-self.stages :]], dim=1)
 
 
 class Token(nn.Module):
@@ -81,9 +80,11 @@ class Token(nn.Module):
 
     def forward(self, x):
         if x.dim() != 3:
-            raise ValueError(f"extractor 'token' needs transformer tokens (B, N, C), got shape {tuple(x.shape)}; "
-                             "use 'avg' for convolutional backbones")
-        return x[:, 0] if self.token == "cls" else x[:, self.prefix_tokens:].mean(dim=1)
+            raise ValueError(
+                f"extractor 'token' needs transformer tokens (B, N, C), got shape {tuple(x.shape)}; "
+                "use 'avg' for convolutional backbones"
+            )
+        return x[:, 0] if self.token == "cls" else x[:, self.prefix_tokens :].mean(dim=1)
 
 
 def avg(backbone):

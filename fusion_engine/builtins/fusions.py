@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion_engine import hookimpl
-from fusion_engine.linear_probe import LinearProbe
+from fusion_engine.plugin_api import LinearProbe, hookimpl
 
 Activation = Literal["gelu", "relu", "silu", "tanh"]
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -47,9 +46,18 @@ class Attention(nn.Module):
         super().__init__()
         self.project = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, dim)) for d in in_dims)
         self.branch_embedding = nn.Parameter(torch.zeros(len(in_dims), dim))
-        encoder_layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, activation=activation if activation in ("gelu", "relu") else "gelu",
-                                                   batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(encoder_layer, layers, enable_nested_tensor=False) if layers else nn.Identity()
+        encoder_layer = nn.TransformerEncoderLayer(
+            dim,
+            heads,
+            dim * 2,
+            dropout,
+            activation=activation if activation in ("gelu", "relu") else "gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = (
+            nn.TransformerEncoder(encoder_layer, layers, enable_nested_tensor=False) if layers else nn.Identity()
+        )
         self.score = nn.Linear(dim, 1)
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, num_classes))
         self.last_weights: torch.Tensor | None = None
@@ -80,7 +88,7 @@ class Gated(nn.Module):
         normed = [norm(f) for norm, f in zip(self.norms, features)]
         gates = torch.sigmoid(self.gate(torch.cat(normed, dim=1)))
         self.last_gates = gates.detach()
-        fused = sum(gates[:, i:i + 1] * p(x) for i, (p, x) in enumerate(zip(self.project, normed)))
+        fused = sum(gates[:, i : i + 1] * p(x) for i, (p, x) in enumerate(zip(self.project, normed)))
         return self.head(fused)
 
 
@@ -92,8 +100,9 @@ class Vote(nn.Module):
 
     def __init__(self, in_dims, num_classes, weights, dropout):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Dropout(dropout), nn.Linear(d, num_classes))
-                                   for d in in_dims)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Dropout(dropout), nn.Linear(d, num_classes)) for d in in_dims
+        )
         n = len(in_dims)
         initial = torch.log(torch.tensor(weights, dtype=torch.float32)) if weights else torch.zeros(n)
         self.log_weights = nn.Parameter(initial, requires_grad=weights is None)
@@ -127,7 +136,7 @@ class Stacking(nn.Module):
         probs = [torch.softmax(b(f), dim=1) for b, f in zip(self.base, features)]
         return self.meta(torch.cat(probs, dim=1))
 
-    def fit(self, features: list, y) -> "Stacking":
+    def fit(self, features: list, y) -> Stacking:
         """Fit on per-branch feature arrays (N, D_i) and labels (N,)."""
         from sklearn.model_selection import StratifiedKFold
 
@@ -138,7 +147,7 @@ class Stacking(nn.Module):
         for train, held in splitter.split(np.zeros(len(y)), y):
             for i, x in enumerate(features):
                 probe = LinearProbe(x.shape[1], self.num_classes).fit(x[train], y[train], C=self.C, seed=self.seed)
-                oof[held, i * self.num_classes:(i + 1) * self.num_classes] = probe.predict_proba(x[held])
+                oof[held, i * self.num_classes : (i + 1) * self.num_classes] = probe.predict_proba(x[held])
         for probe, x in zip(self.base, features):
             probe.fit(x, y, C=self.C, seed=self.seed)
         self.meta.fit(oof, y, C=self.meta_C, seed=self.seed)
@@ -146,14 +155,23 @@ class Stacking(nn.Module):
         return self
 
 
-def concat(in_dims: list[int], num_classes: int, hidden: int = 0, dropout: float = 0.2, activation: Activation = "gelu"):
+def concat(
+    in_dims: list[int], num_classes: int, hidden: int = 0, dropout: float = 0.2, activation: Activation = "gelu"
+):
     _check("hidden", hidden, hidden >= 0, ">= 0 (0: no hidden layer)")
     _check("dropout", dropout, 0 <= dropout < 1, "in [0, 1)")
     return Concat(in_dims, num_classes, hidden, dropout, activation)
 
 
-def attention(in_dims: list[int], num_classes: int, dim: int = 256, heads: int = 4, layers: int = 1,
-              dropout: float = 0.1, activation: Activation = "gelu"):
+def attention(
+    in_dims: list[int],
+    num_classes: int,
+    dim: int = 256,
+    heads: int = 4,
+    layers: int = 1,
+    dropout: float = 0.1,
+    activation: Activation = "gelu",
+):
     _check("dim", dim, dim >= 1 and dim % heads == 0, f"a positive multiple of heads ({heads})")
     _check("layers", layers, layers >= 0, ">= 0")
     _check("dropout", dropout, 0 <= dropout < 1, "in [0, 1)")
@@ -168,8 +186,12 @@ def gated(in_dims: list[int], num_classes: int, dim: int = 256, dropout: float =
 
 def vote(in_dims: list[int], num_classes: int, weights: list[float] | None = None, dropout: float = 0.0):
     if weights is not None:
-        _check("weights", weights, len(weights) == len(in_dims) and all(w > 0 for w in weights),
-               f"{len(in_dims)} positive numbers, one per branch (or omitted to learn them)")
+        _check(
+            "weights",
+            weights,
+            len(weights) == len(in_dims) and all(w > 0 for w in weights),
+            f"{len(in_dims)} positive numbers, one per branch (or omitted to learn them)",
+        )
     _check("dropout", dropout, 0 <= dropout < 1, "in [0, 1)")
     return Vote(in_dims, num_classes, weights, dropout)
 

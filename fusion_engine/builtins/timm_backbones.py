@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fusion_engine import hookimpl
-from fusion_engine.errors import ConfigError, WeightsError
-from fusion_engine.safe_files import load_weights_file, state_mismatch
-from fusion_engine.weights_index import ENV_VAR, find_entry
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers within ``timeout`` seconds (never blocks longer)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    from huggingface_hub import constants
-
-    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result)
+from fusion_engine.plugin_api import (
+    WEIGHTS_ENV_VAR,
+    ConfigError,
+    WeightsError,
+    find_weights_entry,
+    hookimpl,
+    hub_reachable,
+    load_weights_file,
+    state_mismatch,
+    suggest,
+)
 
 
 def _hub_cached(model) -> bool:
@@ -46,16 +28,19 @@ def _hub_cached(model) -> bool:
     hub_id = model.pretrained_cfg.get("hf_hub_id")
     if not hub_id:
         return False
-    return any(isinstance(try_to_load_from_cache(hub_id, f), str)
-               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+    return any(
+        isinstance(try_to_load_from_cache(hub_id, f), str)
+        for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    )
 
 
 def _offline_error(model_name: str) -> WeightsError:
     return WeightsError(
         f"pretrained weights for timm model '{model_name}' are not in the local cache and the hub cannot be "
-        f"reached (offline?). Pass a local file instead: {{\"name\": \"timm\", \"model\": \"{model_name}\", "
-        f"\"weights\": \"/path/to/weights.safetensors\"}}, or name weights listed in the index.json of a folder "
-        f"given by --weights-dir / {ENV_VAR}.")
+        f'reached (offline?). Pass a local file instead: {{"name": "timm", "model": "{model_name}", '
+        f'"weights": "/path/to/weights.safetensors"}}, or name weights listed in the index.json of a folder '
+        f"given by --weights-dir / {WEIGHTS_ENV_VAR}."
+    )
 
 
 def _load_local(model: nn.Module, path: str) -> None:
@@ -69,8 +54,10 @@ def _load_local(model: nn.Module, path: str) -> None:
             state.pop(key)
     problem = state_mismatch(model.state_dict(), state, dtypes=False)
     if problem:
-        raise WeightsError(f"weights file {path} does not fit timm model '{model.default_cfg.get('architecture')}': "
-                           f"tensors {problem}. Check the model name and model_kwargs.")
+        raise WeightsError(
+            f"weights file {path} does not fit timm model '{model.default_cfg.get('architecture')}': "
+            f"tensors {problem}. Check the model name and model_kwargs."
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -129,17 +116,21 @@ def _create_model(model: str, model_kwargs: dict) -> nn.Module:
     if width:
         from timm.models.efficientnet import _gen_mobilenet_v1  # timm registers width 1.0 only
 
-        return _gen_mobilenet_v1(model, channel_multiplier=width, num_classes=0,
-                                 pretrained_cfg=timm.models.get_pretrained_cfg("mobilenetv1_100"), **model_kwargs)
+        return _gen_mobilenet_v1(
+            model,
+            channel_multiplier=width,
+            num_classes=0,
+            pretrained_cfg=timm.models.get_pretrained_cfg("mobilenetv1_100"),
+            **model_kwargs,
+        )
     try:
         return timm.create_model(model, pretrained=False, num_classes=0, **model_kwargs)
     except RuntimeError as exc:
         if "Unknown model" not in str(exc):
             raise
-        from fusion_engine.registry import suggest
-
-        raise ConfigError(f"unknown timm model '{model}'{suggest(model, timm.list_models())}. "
-                          "See timm.list_models() for valid names.") from None
+        raise ConfigError(
+            f"unknown timm model '{model}'{suggest(model, timm.list_models())}. See timm.list_models() for valid names."
+        ) from None
 
 
 def timm_backbone(
@@ -158,10 +149,12 @@ def timm_backbone(
 
     model_kwargs = dict(model_kwargs or {})
     # An indexed name ("mobilenetv2_100.tf1_quant_in1k") has a dot too: look it up unless it is a file.
-    entry = find_entry(weights) if weights and not Path(weights).is_file() else None
+    entry = find_weights_entry(weights) if weights and not Path(weights).is_file() else None
     if weights and entry is None and not Path(weights).is_file():
-        raise WeightsError(f"weights file {weights} does not exist, and '{weights}' is not a name in the "
-                           f"index.json of a folder given by --weights-dir / {ENV_VAR}")
+        raise WeightsError(
+            f"weights file {weights} does not exist, and '{weights}' is not a name in the "
+            f"index.json of a folder given by --weights-dir / {WEIGHTS_ENV_VAR}"
+        )
     if entry is not None:
         model = model or _indexed_model_name(weights, entry.get("architecture", ""))
         model_kwargs = {**entry.get("timm_kwargs", {}), **model_kwargs}
@@ -178,7 +171,7 @@ def timm_backbone(
             raise WeightsError(f"weights file {weights} does not exist")
         _load_local(net, weights)
     elif pretrained:
-        if not _hub_cached(net) and not _hub_reachable():
+        if not _hub_cached(net) and not hub_reachable():
             raise _offline_error(model)
         net = timm.create_model(model, pretrained=True, num_classes=0, **model_kwargs)
     config = dict(resolve_model_data_config(net))
@@ -189,9 +182,14 @@ def timm_backbone(
         if value is not None:
             config[key] = tuple(value) if isinstance(value, list) else value
     data_config = {k: config[k] for k in ("input_size", "mean", "std", "interpolation")}
-    rebuild = {"model": model, "model_kwargs": model_kwargs, "input_size": list(data_config["input_size"][1:]),
-               "mean": list(data_config["mean"]), "std": list(data_config["std"]),
-               "interpolation": data_config["interpolation"]}
+    rebuild = {
+        "model": model,
+        "model_kwargs": model_kwargs,
+        "input_size": list(data_config["input_size"][1:]),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "interpolation": data_config["interpolation"],
+    }
     return TimmBackbone(net.eval(), data_config, rebuild)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_engine.errors import ConfigError, DataError
+from fusion_engine.plugin_api import ConfigError, DataError
 
 _SQRT_EPS = 1e-8  # keeps the signed square root's gradient finite at 0
 

@@ -1,6 +1,6 @@
 """Entry point (group ``fusion_engine``): registers the ``bilinear`` fusion."""
 
-from fusion_engine import hookimpl
+from fusion_engine.plugin_api import hookimpl
 
 from .fusion import bilinear_fusion
 

@@ -1,17 +1,17 @@
 import inspect
 from importlib.metadata import entry_points
 
+import fusion_engine_bilinear.plugin
 import pluggy
 import pytest
 import torch
 import torch.nn.functional as F
+from fusion_engine_bilinear import BilinearFusion, bilinear_fusion
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fusion_engine.hookspecs
-import fusion_engine_bilinear.plugin
 from fusion_engine.errors import ConfigError, DataError
-from fusion_engine_bilinear import BilinearFusion, bilinear_fusion
 
 torch.set_num_threads(1)  # test machines are small and shared
 
@@ -127,7 +127,7 @@ def test_plugin_registers_through_pluggy_and_entry_point():
 
 
 def test_engine_derives_the_option_schema():
-    registry = pytest.importorskip("fusion_engine.registry")
+    registry = pytest.importorskip("fusion_engine.core.registry")
     schema = registry.option_schema("fusion", "bilinear", bilinear_fusion)
     assert set(schema.model_fields) == {"factor", "dim", "dropout", "normalize"}
     options = schema(factor=3, dim=16).model_dump()

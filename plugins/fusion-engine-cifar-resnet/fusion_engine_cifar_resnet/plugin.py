@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from fusion_engine import hookimpl
+from fusion_engine.plugin_api import hookimpl
 
 from .model import DEPTHS, CifarResNet
 from .weights import load_weights, pretrained_path

@@ -5,10 +5,10 @@ import re
 from pathlib import Path
 
 import torch
-from fusion_engine.errors import WeightsError
-from fusion_engine.safe_files import load_weights_file
-from fusion_engine.weights_index import ENV_VAR, weights_dirs
 from torch import nn
+
+from fusion_engine.plugin_api import WEIGHTS_ENV_VAR as ENV_VAR
+from fusion_engine.plugin_api import WeightsError, load_weights_file, weights_dirs
 
 from .model import DEPTHS
 
@@ -21,8 +21,10 @@ PRETRAINED_FILES = {
 def pretrained_path(model: str) -> Path:
     """The published weights of ``model``, from the folder(s) in $FUSION_ENGINE_WEIGHTS_DIR."""
     if model not in PRETRAINED_FILES:
-        raise WeightsError(f"no pretrained weights are published for {model} (only for "
-                           f"{', '.join(PRETRAINED_FILES)}); pass weights=PATH to a state dict of your own")
+        raise WeightsError(
+            f"no pretrained weights are published for {model} (only for "
+            f"{', '.join(PRETRAINED_FILES)}); pass weights=PATH to a state dict of your own"
+        )
     file = PRETRAINED_FILES[model]
     folders = weights_dirs()
     for folder in folders:

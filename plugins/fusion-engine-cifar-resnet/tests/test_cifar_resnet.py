@@ -11,13 +11,13 @@ import numpy as np
 import pluggy
 import pytest
 import torch
-from fusion_engine import Engine, WeightsError, hookspecs
-from safetensors.torch import save_file
-
 from fusion_engine_cifar_resnet import DEPTHS, CifarResNet, plugin
 from fusion_engine_cifar_resnet.model import BasicBlock
 from fusion_engine_cifar_resnet.plugin import cifar_resnet_backbone
 from fusion_engine_cifar_resnet.weights import PRETRAINED_FILES
+from safetensors.torch import save_file
+
+from fusion_engine import Engine, WeightsError, hookspecs
 
 # shared/ is the sibling of the repository root (plugins/fusion-engine-cifar-resnet/tests/ is 3 deep)
 SHARED = Path(os.environ.get("FUSION_ENGINE_SHARED") or Path(__file__).resolve().parents[4] / "shared")
@@ -33,8 +33,11 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 def save_random_weights(path: Path, model: str) -> dict[str, torch.Tensor]:
     """A randomly initialised state dict laid out like the shipped files (float16 convs, no counters)."""
-    state = {k: v.half() if v.ndim > 1 else v for k, v in CifarResNet(DEPTHS[model]).state_dict().items()
-             if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v.half() if v.ndim > 1 else v
+        for k, v in CifarResNet(DEPTHS[model]).state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     save_file(state, path)
     return state
 
@@ -47,9 +50,16 @@ def assert_holds(backbone, state):
 
 # --- architecture -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model, params", [
-    ("resnet20", 269_722), ("resnet32", 464_154), ("resnet44", 658_586), ("resnet56", 853_018),
-])
+
+@pytest.mark.parametrize(
+    "model, params",
+    [
+        ("resnet20", 269_722),
+        ("resnet32", 464_154),
+        ("resnet44", 658_586),
+        ("resnet56", 853_018),
+    ],
+)
 def test_parameter_counts_match_the_paper(model, params):
     assert sum(p.numel() for p in cifar_resnet_backbone(model).parameters()) == params
 
@@ -72,8 +82,10 @@ def test_backbone_contract():
     backbone = cifar_resnet_backbone("resnet20")
     assert backbone.feature_dim == 64 and backbone.output_kind == "map" and not backbone.training
     assert backbone.data_config == {
-        "input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "interpolation": "bilinear",
+        "input_size": (3, 32, 32),
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "interpolation": "bilinear",
     }
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
@@ -102,6 +114,7 @@ def test_unknown_model_lists_valid_names():
 
 # --- weight files -------------------------------------------------------------------------
 
+
 def test_safetensors_weights_load_strictly_as_float32(tmp_path):
     state = save_random_weights(tmp_path / "w.safetensors", "resnet20")
     assert_holds(cifar_resnet_backbone("resnet20", weights=str(tmp_path / "w.safetensors")), state)
@@ -116,8 +129,9 @@ def test_wrong_depth_weights_are_named(tmp_path, file_model, model):
 
 
 def test_foreign_keys_are_listed(tmp_path):
-    state = {k.replace("linear", "fc"): v for k, v in save_random_weights(tmp_path / "a.safetensors",
-                                                                          "resnet20").items()}
+    state = {
+        k.replace("linear", "fc"): v for k, v in save_random_weights(tmp_path / "a.safetensors", "resnet20").items()
+    }
     save_file(state, tmp_path / "b.safetensors")
     with pytest.raises(WeightsError, match=r"b\.safetensors.*missing \['linear\.bias'.*unexpected \['fc\.bias'"):
         cifar_resnet_backbone(weights=str(tmp_path / "b.safetensors"))
@@ -138,8 +152,7 @@ def test_malformed_file(tmp_path, name):
 def test_torch_checkpoint_is_read_weights_only(tmp_path):
     state = save_random_weights(tmp_path / "w.safetensors", "resnet20")
     # akamaster's own checkpoint layout: {"state_dict": {"module.<key>": tensor}, ...}
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 91.7},
-               tmp_path / "ckpt.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 91.7}, tmp_path / "ckpt.pth")
     assert_holds(cifar_resnet_backbone(weights=str(tmp_path / "ckpt.pth")), state)
     torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, tmp_path / "pickled.pt")
     with pytest.raises(WeightsError, match="refusing to unpickle .*pickled.pt"):
@@ -165,15 +178,18 @@ def test_pretrained_missing_says_how_to_pass_weights(tmp_path, monkeypatch):
 
 # --- plugin wiring ------------------------------------------------------------------------
 
+
 def test_plugin_registers_through_pluggy():
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(plugin)
     registered = []
-    pm.hook.register_backbones(register=lambda name, factory, description="": registered.append(
-        (name, factory, description)))
-    assert registered == [("cifar_resnet", cifar_resnet_backbone,
-                           "CIFAR ResNet-20/32/44/56 (option-A shortcuts), not in timm")]
+    pm.hook.register_backbones(
+        register=lambda name, factory, description="": registered.append((name, factory, description))
+    )
+    assert registered == [
+        ("cifar_resnet", cifar_resnet_backbone, "CIFAR ResNet-20/32/44/56 (option-A shortcuts), not in timm")
+    ]
 
 
 def test_entry_point_is_installed():
@@ -183,10 +199,12 @@ def test_entry_point_is_installed():
 
 # --- real weights and data ----------------------------------------------------------------
 
+
 @needs_shared
 @pytest.mark.parametrize("model", ["resnet20", "resnet56"])
 def test_shipped_weights_match_keys_exactly(model):
     from safetensors import safe_open
+
     with safe_open(WEIGHTS / PRETRAINED_FILES[model], "pt") as f:
         keys = set(f.keys())
     expected = {k for k in CifarResNet(DEPTHS[model]).state_dict() if not k.endswith("num_batches_tracked")}
@@ -194,11 +212,14 @@ def test_shipped_weights_match_keys_exactly(model):
 
 
 @needs_shared
-@pytest.mark.parametrize("model, step, floor", [
-    # measured: resnet20 86.4% on x[::4]; resnet56 87.9% on x[::8] (README: 81.0% / 83.2% on the JPEG test set)
-    ("resnet20", 4, 0.83),
-    ("resnet56", 8, 0.85),
-])
+@pytest.mark.parametrize(
+    "model, step, floor",
+    [
+        # measured: resnet20 86.4% on x[::4]; resnet56 87.9% on x[::8] (README: 81.0% / 83.2% on the JPEG test set)
+        ("resnet20", 4, 0.83),
+        ("resnet56", 8, 0.85),
+    ],
+)
 def test_real_accuracy_on_jpeg_cifar10(model, step, floor, monkeypatch):
     # the npz is sorted by class, so take every step-th image: 8000/step images, 800/step per class
     data = np.load(CIFAR)
@@ -213,6 +234,7 @@ def test_real_accuracy_on_jpeg_cifar10(model, step, floor, monkeypatch):
 
 
 # --- inside the engine --------------------------------------------------------------------
+
 
 def build(backbone: dict, fusion: str = "concat"):
     engine = Engine.from_plugins([plugin], entry_points=False)

@@ -10,15 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fusion_engine_handcrafted import (
+    HandcraftedBackbone,
+    color_histogram_backbone,
+    handcrafted_backbone,
+    hog_backbone,
+    lbp_backbone,
+    plugin,
+)
 
-from fusion_engine import ConfigError, Engine, FusedClassifier
-from fusion_engine.data import load_dataset
-from fusion_engine.features import FeatureCache
-from fusion_engine.handcrafted import color_histogram, handcrafted_features, hog_features, lbp_histogram
+import fusion_engine
+from fusion_engine import ConfigError, Engine
+from fusion_engine.core.data import load_dataset
+from fusion_engine.core.handcrafted import color_histogram, handcrafted_features, hog_features, lbp_histogram
 from fusion_engine.testing import check_backbone, check_plugin
-
-from fusion_engine_handcrafted import (HandcraftedBackbone, color_histogram_backbone, handcrafted_backbone,
-                                       hog_backbone, lbp_backbone, plugin)
+from fusion_engine.training.feature_cache import FeatureCache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # test machines are small and shared
@@ -38,23 +44,31 @@ def engine():
 
 # --- values and shapes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("factory, options, dim", [
-    (hog_backbone, {}, 324),
-    (hog_backbone, {"size": 64}, 49 * 4 * 9),
-    (hog_backbone, {"size": 64, "cell": 16, "bins": 6}, 9 * 4 * 6),
-    (color_histogram_backbone, {}, 24),
-    (color_histogram_backbone, {"size": 64, "bins": 4}, 12),
-    (lbp_backbone, {}, 4 * 59),
-    (lbp_backbone, {"size": 64, "grid": 3}, 9 * 59),
-    (handcrafted_backbone, {}, 324 + 24),
-    (handcrafted_backbone, {"kinds": ["lbp", "color", "hog"], "size": 64}, 236 + 24 + 1764),
-])
+
+@pytest.mark.parametrize(
+    "factory, options, dim",
+    [
+        (hog_backbone, {}, 324),
+        (hog_backbone, {"size": 64}, 49 * 4 * 9),
+        (hog_backbone, {"size": 64, "cell": 16, "bins": 6}, 9 * 4 * 6),
+        (color_histogram_backbone, {}, 24),
+        (color_histogram_backbone, {"size": 64, "bins": 4}, 12),
+        (lbp_backbone, {}, 4 * 59),
+        (lbp_backbone, {"size": 64, "grid": 3}, 9 * 59),
+        (handcrafted_backbone, {}, 324 + 24),
+        (handcrafted_backbone, {"kinds": ["lbp", "color", "hog"], "size": 64}, 236 + 24 + 1764),
+    ],
+)
 def test_shapes_and_data_config(factory, options, dim):
     backbone = factory(**options)
     size = options.get("size", 32)
     assert isinstance(backbone, HandcraftedBackbone) and backbone.feature_dim == dim
-    assert backbone.data_config == {"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
-                                    "interpolation": "bilinear"}
+    assert backbone.data_config == {
+        "input_size": (3, size, size),
+        "mean": (0.0, 0.0, 0.0),
+        "std": (1.0, 1.0, 1.0),
+        "interpolation": "bilinear",
+    }
     out = backbone(images(size=size))
     assert out.shape == (3, dim) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
@@ -99,22 +113,29 @@ def test_on_cuda():
 
 # --- options ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kinds, message", [
-    (["sift"], r"one or more of hog, color, lbp; unknown: 'sift'"),
-    ([], r"got an empty list"),
-    (["hog", "color", "hog"], r"'hog' more than once"),
-])
+
+@pytest.mark.parametrize(
+    "kinds, message",
+    [
+        (["sift"], r"one or more of hog, color, lbp; unknown: 'sift'"),
+        ([], r"got an empty list"),
+        (["hog", "color", "hog"], r"'hog' more than once"),
+    ],
+)
 def test_kinds_are_validated(kinds, message):
     with pytest.raises(ValueError, match=message):
         handcrafted_backbone(kinds)
 
 
-@pytest.mark.parametrize("factory, options, message", [
-    (hog_backbone, {"size": 4}, r"hog: size must be an integer >= 8"),
-    (hog_backbone, {"size": 16, "cell": 8, "block": 3}, r"hog: HOG needs .*size // cell >= block"),
-    (color_histogram_backbone, {"bins": 0}, r"color_histogram: .*bins >= 1"),
-    (lbp_backbone, {"grid": 0}, r"lbp: LBP needs grid >= 1"),
-])
+@pytest.mark.parametrize(
+    "factory, options, message",
+    [
+        (hog_backbone, {"size": 4}, r"hog: size must be an integer >= 8"),
+        (hog_backbone, {"size": 16, "cell": 8, "block": 3}, r"hog: HOG needs .*size // cell >= block"),
+        (color_histogram_backbone, {"bins": 0}, r"color_histogram: .*bins >= 1"),
+        (lbp_backbone, {"grid": 0}, r"lbp: LBP needs grid >= 1"),
+    ],
+)
 def test_descriptor_parameters_are_validated(factory, options, message):
     with pytest.raises(ValueError, match=message):
         factory(**options)
@@ -135,12 +156,15 @@ def test_engine_validates_options_before_building(engine):
 
 # --- the plugin ---------------------------------------------------------------------------------
 
+
 def test_plugin_registers_four_backbones(engine):
     components = {c.name: c for c in engine.components("backbone") if c.plugin == plugin.__name__}
     assert sorted(components) == sorted(NAMES)
     assert all(c.description for c in components.values())
     assert components["handcrafted"].describe_options() == {
-        "kinds": "list[Literal['hog', 'color', 'lbp']] = ['hog', 'color']", "size": "int = 32"}
+        "kinds": "list[Literal['hog', 'color', 'lbp']] = ['hog', 'color']",
+        "size": "int = 32",
+    }
 
 
 def test_conformance(engine):
@@ -168,22 +192,25 @@ def test_entry_point_is_installed():
 
 # --- fused with a CNN branch ----------------------------------------------------------------------
 
+
 def test_fused_with_a_cnn_branch_builds_trains_evaluates_saves(engine, tmp_path):
     torch.manual_seed(0)
-    model = engine.build({"backbones": [{"name": "handcrafted", "kinds": ["hog", "color"]}, CNN],
-                          "fusion": "concat", "num_classes": 10})
+    model = engine.build(
+        {"backbones": [{"name": "handcrafted", "kinds": ["hog", "color"]}, CNN], "fusion": "concat", "num_classes": 10}
+    )
     assert [b.feature_dim for b in model.branches] == [348, 96]
     assert not [k for k in model.state_dict() if k.startswith("branches.0.")]  # the handcrafted branch has no state
     digits = load_dataset("digits")
     train, test = digits.subset(np.arange(0, 1797, 4)), digits.subset(np.arange(1, 1797, 8))
-    history = model.fit(train, epochs=30, lr=1e-2, cache_dir=tmp_path / "cache", progress=False,
-                        log=lambda *a, **k: None)
+    history = model.fit(
+        train, epochs=30, lr=1e-2, cache_dir=tmp_path / "cache", progress=False, log=lambda *a, **k: None
+    )
     assert history["mode"] == "frozen" and history["epochs"]
     report = model.evaluate(test, cache=FeatureCache(tmp_path / "cache"), progress=False)
     assert report["n"] == len(test) and report["accuracy"] > 0.8, report["accuracy"]
     assert report["branches"]["handcrafted"] > 0.8  # HOG + colour alone reads digits well
-    model.save(tmp_path / "run", engine=engine)
-    loaded = FusedClassifier.load(tmp_path / "run", engine=engine)
+    model.save(tmp_path / "run")
+    loaded = fusion_engine.load(tmp_path / "run", engine=engine)
     x = torch.rand(3, 1, 8, 8)
     assert np.allclose(loaded.predict_proba(x), model.predict_proba(x), atol=1e-6)
 
@@ -192,13 +219,17 @@ def test_fused_with_a_cnn_branch_builds_trains_evaluates_saves(engine, tmp_path)
 @needs_install
 def test_cli_train_and_evaluate(tmp_path):
     bin_dir = Path(sys.executable).parent
-    cli = [str(bin_dir / "fusion-engine")] if (bin_dir / "fusion-engine").is_file() else [sys.executable, "-m",
-                                                                                          "fusion_engine"]
+    cli = (
+        [str(bin_dir / "fusion-engine")]
+        if (bin_dir / "fusion-engine").is_file()
+        else [sys.executable, "-m", "fusion_engine"]
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_ENGINE_")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     config = tmp_path / "fused.json"
-    config.write_text(json.dumps({"backbones": [{"name": "handcrafted", "kinds": ["hog", "color"]}, CNN],
-                                  "fusion": "concat"}))
+    config.write_text(
+        json.dumps({"backbones": [{"name": "handcrafted", "kinds": ["hog", "color"]}, CNN], "fusion": "concat"})
+    )
     run, cache = tmp_path / "run", tmp_path / "cache"
 
     def call(*args):
@@ -206,10 +237,24 @@ def test_cli_train_and_evaluate(tmp_path):
         assert result.returncode == 0, result.stderr + result.stdout
         return result.stdout
 
-    call("train", "--config", str(config), "--data", "digits", "--out", str(run), "--epochs", "3",
-         "--cache-dir", str(cache), "-q")
+    call(
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        "digits",
+        "--out",
+        str(run),
+        "--epochs",
+        "3",
+        "--cache-dir",
+        str(cache),
+        "-q",
+    )
     manifest = json.loads((run / "manifest.json").read_text())
-    assert {"kind": "backbone", "name": "handcrafted", "plugin": "handcrafted", "version": "0.1.0"} in manifest["components"]
+    assert {"kind": "backbone", "name": "handcrafted", "plugin": "handcrafted", "version": "0.1.0"} in manifest[
+        "components"
+    ]
     report = json.loads(call("evaluate", str(run), "--data", "digits", "--json", "--cache-dir", str(cache), "-q"))
     assert report["n"] == 1797 and set(report["branches"]) == {"handcrafted", "timm:test_resnet"}
     assert report["branches"]["handcrafted"] > 0.9

@@ -1,0 +1,1 @@
+"""The library front door: Engine (build, load) and FusedClassifier (fit, evaluate, save)."""

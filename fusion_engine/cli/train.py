@@ -1,0 +1,137 @@
+"""``fusion-engine train``: train a fused model, evaluate it beside its baselines on held-out data, save RUN_DIR."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+import fusion_engine.training.distributed as distributed
+from fusion_engine.cli.common import (
+    apply_weights_dir,
+    encryption_key,
+    load_train_test,
+    logger,
+    report_summary,
+    train_config_from,
+    without_option,
+)
+from fusion_engine.cli.common import engine as make_engine
+from fusion_engine.cli.search import add_search_options, run_search
+from fusion_engine.core.config import load_config_file
+from fusion_engine.core.defaults import default_config
+from fusion_engine.errors import ConfigError
+from fusion_engine.training.feature_cache import FeatureCache
+from fusion_engine.training.fit import fit
+from fusion_engine.training.metrics import format_report
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a fused model and evaluate it beside its baselines")
+    p.add_argument("--config", help="fused-model config (.json or .yaml); default: a sensible fused model")
+    p.add_argument("--data", default="digits", help="image folder, .npz file, or 'digits' (default)")
+    p.add_argument("--data-test", help="held-out test data; default: a stratified split of --data")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when --data-test is absent")
+    p.add_argument("--val-fraction", type=float, help="validation share of the training data (early stopping)")
+    p.add_argument("--out", default="runs/latest", help="RUN_DIR to write (replaced atomically)")
+    p.add_argument("--mode", choices=["frozen", "finetune"], help="frozen (default): cached features; finetune")
+    p.add_argument("--fusion", help="fusion name (overrides the config's)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="head learning rate")
+    p.add_argument("--backbone-lr", type=float, help="backbone learning rate (finetune)")
+    p.add_argument("--unfreeze", type=int, help="finetune only the last N stages (default: all)")
+    p.add_argument("--no-augment", action="store_true", help="finetune without data augmentation")
+    p.add_argument("--mixup", type=float, help="finetune: mixup alpha")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="finetune in bfloat16 autocast (default fp32)")
+    p.add_argument(
+        "--extract-runtime",
+        choices=["torch", "bf16", "onnx"],
+        help="frozen-mode feature extraction: torch (default; channels_last on the CPU), bf16 autocast, or "
+        "onnx (onnxruntime, CPU: several times faster there; needs fusion-engine[onnx])",
+    )
+    p.add_argument("--cutmix", type=float, help="finetune: cutmix alpha")
+    p.add_argument("--resume", action="store_true", help="finetune: continue from RUN_DIR.checkpoint")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--nproc", type=int, default=1, help="run N local workers on torch.distributed (torchrun)")
+    p.add_argument("--device", help="cpu, cuda, or auto (default)")
+    p.add_argument("--weights-dir", action="append", help="folder with an index.json of local weights (repeatable)")
+    p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/fusion-engine/features)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--encrypt", action="store_true", help="store tensors encrypted (AES-256-GCM)")
+    p.add_argument("--key-file", help="encryption key file (else FUSION_ENGINE_KEY)")
+    p.add_argument("--sign-key", help="Ed25519 private key: sign the saved model")
+    p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_search_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Train a fused model, evaluate it beside its baselines on held-out data, save RUN_DIR."""
+    if args.search:
+        return run_search(args)
+    checkpoint = str(Path(args.out)) + ".checkpoint"  # beside RUN_DIR, never inside it (--out runs/x/)
+    if args.resume and args.mode != "finetune":
+        raise ConfigError("--resume continues an interrupted --mode finetune run; add --mode finetune")
+    if args.resume and not os.path.isfile(os.path.join(checkpoint, "state.json")):  # fail before any work
+        raise ConfigError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.launch(args.nproc, without_option(args.argv, "--nproc"))
+    distributed.init()
+    worker = distributed.rank()
+    apply_weights_dir(args)
+    log = logger(args.json, silent=worker != 0)
+    engine = make_engine()
+    if args.config:
+        config, note = load_config_file(args.config), f"config {args.config}"
+    else:
+        config, note = default_config(args.fusion or "concat", engine=engine)
+    if args.fusion:
+        config["fusion"] = args.fusion
+    log(f"backbones: {note}")
+    data, train_data, test_data = load_train_test(args, log)
+    key = encryption_key(args, required=args.encrypt)
+    train_config = train_config_from(args)
+    torch.manual_seed(args.seed)  # random-init branches are reproducible too
+    model = engine.build(config, class_names=data.classes)
+    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
+    if distributed.active() and train_config.mode == "frozen":  # the held-out features are sharded too
+        cache.features(model, test_data, batch_size=train_config.batch_size, progress=not args.quiet)
+    history = fit(
+        model,
+        train_data,
+        config=train_config,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        progress=not args.quiet and worker == 0,
+        log=log,
+        checkpoint_dir=checkpoint,
+        resume=args.resume,
+        encryption_key=key,
+    )
+    if worker != 0:
+        return 0
+    report = model.evaluate(
+        test_data,
+        cache=cache,
+        device=train_config.device if train_config.device != "auto" else "cpu",
+        progress=not args.quiet,
+    )
+    model.metrics = {"test": report}
+    out = model.save(args.out, encryption_key=key, signing_key=args.sign_key)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run finished: its checkpoint is spent
+    if args.json:
+        print(json.dumps({**report_summary(report), "run_dir": str(out), "history": history}, default=str))
+    else:
+        log(f"\nheld-out test results ({len(test_data)} images the model never saw):")
+        log(format_report(report))
+        log(
+            f"extraction {history.get('extract_seconds', 0):.1f} s, head training {history.get('head_seconds', 0):.1f} s; "
+            f"saved to {out}"
+        )
+    return 0

@@ -1,0 +1,1 @@
+"""The plugin core: plugin loading, the component registry, configs, the fused network, data."""

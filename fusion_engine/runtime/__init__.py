@@ -1,0 +1,1 @@
+"""Running models fast: inference runtimes, ONNX export, prediction, bench."""

@@ -1,0 +1,301 @@
+"""ONNX export of a whole fused model, checked against torch on real images, and prediction with onnxruntime.
+
+The exported graph is the whole FusedClassifier: each branch's resize and normalisation, every
+backbone, extractor and the fusion. Its input contract (stored in the ONNX metadata as
+``fusion_engine.input``):
+
+- ``images``: float32 (batch, C, H, W) in [0, 1], RGB (C=3) or grey (C=1) as the model's branches
+  want, at the fixed size H x W chosen at export (default: the largest branch input size, so that
+  branch needs no resize); the batch size is dynamic. Branches with a smaller input size resize
+  inside the graph (bilinear, antialiased: ONNX Resize with antialias, opset 18).
+- outputs ``logits`` and ``probabilities`` (softmax), (batch, num_classes); class names are in
+  ``fusion_engine.class_names``.
+
+Resize the images to H x W before feeding them (``predict_onnx_files`` does, as ``predict`` does).
+Export writes to a temporary file, compares the ONNX model's probabilities with torch's on real
+images (max abs diff <= 1e-4 by default) and only then moves it into place; otherwise it raises
+ExportError and leaves nothing behind. ``onnx``, ``onnxruntime`` and ``onnxscript`` are the
+optional extra ``fusion-engine[onnx]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusion_engine.artifacts.compression import steps
+from fusion_engine.errors import ExportError
+from fusion_engine.version import __version__
+
+OPSET = 18
+TOLERANCE = 1e-4
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probabilities")
+META_PREFIX = "fusion_engine."
+
+
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(
+            f"ONNX support needs {', '.join(missing)}: pip install 'fusion-engine[onnx]' "
+            "(onnx, onnxruntime, onnxscript)"
+        )
+
+
+class _WithProbabilities(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        logits = self.model(images)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def input_contract(model, input_size=None) -> dict:
+    """The exported graph's input: channels, fixed height and width, value range, layout."""
+    from fusion_engine.core.network import input_size_for
+
+    if input_size is None:
+        height, width = input_size_for(model)
+    elif isinstance(input_size, int):
+        height = width = input_size
+    else:
+        height, width = (int(v) for v in input_size)
+    channels = max(int(b.backbone.data_config["input_size"][0]) for b in model.branches)
+    return {
+        "name": INPUT_NAME,
+        "shape": ["batch", channels, height, width],
+        "dtype": "float32",
+        "range": [0.0, 1.0],
+        "layout": "NCHW",
+        "channels": "RGB" if channels == 3 else "grey",
+        "resize": f"resize images to {height}x{width} (bilinear, antialiased) before feeding them",
+    }
+
+
+def check_images(data, contract: dict, count: int = 64, seed: int = 0) -> torch.Tensor:
+    """``count`` real images from ``data`` (seeded sample), as the graph's input: float (N, C, H, W) in [0, 1]."""
+    from fusion_engine.core.data import collate_images, load_dataset
+
+    dataset = load_dataset(data)
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(dataset), size=min(count, len(dataset)), replace=False))
+    _, channels, height, width = contract["shape"]
+    images, _ = collate_images([dataset[int(i)] for i in picked], size=(height, width))
+    return to_channels(images, channels)
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if images.shape[1] == channels:
+        return images.contiguous()
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    return images.mean(dim=1, keepdim=True)
+
+
+def onnx_session(path):
+    """An onnxruntime CPU session for the ONNX file at ``path`` (ExportError when onnxruntime is missing)."""
+    _require("onnxruntime")
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def parity(model, path, images: torch.Tensor, batch_size: int = 32) -> dict:
+    """Probabilities of torch and onnxruntime on ``images``: max abs difference and top-1 agreement."""
+    session = onnx_session(path)
+    diffs, agree = [], 0
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size]
+            expected = torch.softmax(model(x).float(), dim=1).numpy()
+            got = session.run(["probabilities"], {INPUT_NAME: x.numpy()})[0]
+            diffs.append(float(np.abs(got - expected).max()))
+            agree += int((got.argmax(1) == expected.argmax(1)).sum())
+    return {"images": len(images), "max_abs_diff": max(diffs), "top1_agreement": agree / len(images)}
+
+
+def _export_graph(module: nn.Module, path, example: torch.Tensor, output_names, opset: int = OPSET) -> None:
+    """torch.onnx.export (dynamo) of ``module`` at ``example``'s fixed size, dynamic batch."""
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=list(output_names),
+                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=65536)}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from None
+
+
+def _example(channels: int, height: int, width: int) -> torch.Tensor:
+    return torch.rand(2, channels, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def write_onnx(model, path, contract: dict, *, opset: int = OPSET, source: dict | None = None) -> None:
+    """Export ``model`` to ``path`` with the ``fusion_engine.*`` metadata (no parity check)."""
+    import onnx
+
+    if any(s["method"] == "int8" for s in steps(model)):
+        raise ExportError(
+            "int8 models cannot be exported to ONNX (torch's dynamic int8 layers have no ONNX form); "
+            "export the float model and quantise the ONNX file with onnxruntime.quantization if needed"
+        )
+    _export_graph(_WithProbabilities(model), path, _example(*contract["shape"][1:]), OUTPUT_NAMES, opset)
+    proto = onnx.load(str(path))
+    metadata = {
+        "class_names": model.class_names,
+        "input": contract,
+        "outputs": {"logits": ["batch", model.num_classes], "probabilities": ["batch", model.num_classes]},
+        "branches": model.branch_names,
+        "compression": [s["method"] for s in steps(model)],
+        "fusion_engine_version": __version__,
+        "torch_version": torch.__version__,
+        "source": source or {},
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + key, json.dumps(value)
+    proto.producer_name = "fusion-engine"
+    proto.doc_string = f"fusion-engine fused classifier; input: {contract['resize']}"
+    onnx.save(proto, str(path))
+
+
+def export_onnx(
+    model,
+    out,
+    *,
+    input_size=None,
+    check_data="digits",
+    check_count: int = 64,
+    tolerance: float = TOLERANCE,
+    opset: int = OPSET,
+    source: dict | None = None,
+) -> dict:
+    """Export ``model`` to ``out`` (.onnx) and check it against torch on real images; returns the check's numbers.
+
+    Nothing is written at ``out`` unless the check passes (max abs probability difference <= ``tolerance``).
+    """
+    _require("onnx", "onnxruntime", "onnxscript")
+    out = Path(out)
+    model = model.eval()
+    contract = input_contract(model, input_size)
+    images = check_images(check_data, contract, check_count)  # before the slow export: bad data fails fast
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    start = time.perf_counter()
+    try:
+        write_onnx(model, tmp, contract, opset=opset, source=source)
+        check = parity(model, tmp, images)
+        check.update(
+            tolerance=tolerance, check_data=str(check_data), export_seconds=round(time.perf_counter() - start, 1)
+        )
+        if not check["max_abs_diff"] <= tolerance:
+            raise ExportError(
+                f"ONNX model disagrees with torch: max abs probability difference {check['max_abs_diff']:.3g} "
+                f"> {tolerance:g} on {check['images']} images from {check_data} (top-1 agreement "
+                f"{check['top1_agreement']:.3f}); the ONNX file was not written"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(out), "input": contract, **check}
+
+
+def session_for(model, input_size=None):
+    """An onnxruntime session of ``model`` exported to a temporary file (removed once loaded)."""
+    import tempfile
+
+    _require("onnx", "onnxruntime", "onnxscript")
+    contract = input_contract(model.eval(), input_size)
+    with tempfile.TemporaryDirectory(prefix="fusion-engine-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        write_onnx(model, path, contract)
+        return onnx_session(path)
+
+
+class _BranchFeatures(nn.Module):
+    def __init__(self, model, indices: list[int]):
+        super().__init__()
+        self.model, self.indices = model, list(indices)
+
+    def forward(self, images):
+        return tuple(self.model.branch_features(images, self.indices))
+
+
+def features_runner(model, indices: list[int], size: tuple[int, int]):
+    """``run(images) -> [features of branch i for i in indices]`` with onnxruntime: the branches'
+    preprocessing, backbones and extractors exported once at ``size`` (3-channel input; grey batches
+    are repeated to 3 channels, as the branches' own preprocessing does)."""
+    import tempfile
+
+    _require("onnx", "onnxruntime", "onnxscript")
+    names = [f"features_{i}" for i in indices]
+    with tempfile.TemporaryDirectory(prefix="fusion-engine-onnx-") as folder:
+        path = Path(folder) / "features.onnx"
+        _export_graph(_BranchFeatures(model.eval(), indices), path, _example(3, *size), names)
+        session = onnx_session(path)
+
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        x = to_channels(images.detach().float().cpu(), 3).numpy()
+        return [torch.from_numpy(a) for a in session.run(names, {INPUT_NAME: x})]
+
+    return run
+
+
+def onnx_runner(model, example=None):
+    """``run(images) -> logits`` with onnxruntime, for ``runtimes.make_runner``; exported at ``example``'s size."""
+    session = session_for(model, tuple(example.shape[-2:]) if example is not None else None)
+    channels = input_contract(model)["shape"][1]
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        x = to_channels(images.detach().float().cpu(), channels).numpy()
+        return torch.from_numpy(session.run(["logits"], {INPUT_NAME: x})[0])
+
+    return run
+
+
+def read_metadata(path) -> dict:
+    """The ``fusion_engine.*`` metadata of an exported model, JSON-decoded."""
+    _require("onnxruntime")
+    meta = onnx_session(path).get_modelmeta().custom_metadata_map
+    return decode_metadata(meta, path)
+
+
+def decode_metadata(meta: dict, path) -> dict:
+    try:
+        out = {k[len(META_PREFIX) :]: json.loads(v) for k, v in meta.items() if k.startswith(META_PREFIX)}
+        out["class_names"], out["input"]["shape"]  # noqa: B018  (present, or KeyError)
+    except (ValueError, KeyError, TypeError):
+        raise ExportError(
+            f"{path} is not an ONNX model exported by fusion-engine (no usable fusion_engine.* metadata)"
+        ) from None
+    return out
+
+
+__all__ = ["export_onnx", "write_onnx", "session_for", "onnx_runner", "parity", "read_metadata", "input_contract"]

@@ -1,0 +1,1 @@
+"""Training: fit (frozen, cached features) and finetune, the feature cache, baselines, evaluation, distributed."""

@@ -1,0 +1,63 @@
+"""Training options (TrainConfig), seeding and device choice shared by every training path."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fusion_engine.core.config import validated
+
+
+class TrainConfig(BaseModel):
+    """Training options (the CLI flags of ``fusion-engine train``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["frozen", "finetune"] = "frozen"
+    epochs: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="extraction and fine-tuning batch size")
+    head_batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=1e-3, gt=0, description="head learning rate")
+    backbone_lr: float = Field(default=1e-4, gt=0, description="backbone learning rate (finetune)")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    patience: int = Field(default=8, ge=1, description="epochs without validation gain before stopping")
+    seed: int = 0
+    unfreeze: int | None = Field(default=None, ge=1, description="finetune: last N stages (None: all)")
+    augment: bool = True
+    mixup: float = Field(default=0.0, ge=0, description="finetune: mixup alpha (0: off)")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: bfloat16 autocast (finetune)")
+    extract_runtime: Literal["torch", "bf16", "onnx"] = Field(
+        default="torch",
+        description=(
+            "frozen-mode feature extraction: torch (float32, channels_last on the CPU), bf16 (bfloat16 autocast) or "
+            "onnx (onnxruntime on the CPU; needs fusion-engine[onnx])"
+        ),
+    )
+    cutmix: float = Field(default=0.0, ge=0, description="finetune: cutmix alpha (0: off)")
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    device: str = "auto"
+    baselines: bool = True
+
+
+def train_config(config: TrainConfig | None = None, **overrides) -> TrainConfig:
+    """``config`` (default: TrainConfig()) with ``overrides``, validated: a misspelt option or a bad
+    value is a ConfigError naming it and the valid options."""
+    return validated(TrainConfig, {**(config or TrainConfig()).model_dump(), **overrides}, "training options")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)

@@ -1,0 +1,170 @@
+"""fit(): frozen mode (features cached once, head trained on them) and finetune mode.
+
+Both modes: a seeded stratified validation split, early stopping on validation
+accuracy, label smoothing, and the baselines (a probe per branch and handcrafted
+features) fitted on the same split.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fusion_engine.training.distributed as distributed
+from fusion_engine.artifacts.tensors import state_tensors
+from fusion_engine.core.data import align_classes, load_dataset, stratified_split
+from fusion_engine.core.probes import Baselines
+from fusion_engine.errors import DataError
+from fusion_engine.training.baselines import fit_baselines, handcrafted_for
+from fusion_engine.training.config import TrainConfig, resolve_device, seed_everything, train_config
+from fusion_engine.training.evaluation import logits_from_features
+from fusion_engine.training.feature_cache import FeatureCache
+
+
+def prepare_data(model, train, val, config: TrainConfig):
+    """Load the data, check it against the model, and split off validation data when none is given."""
+    train = load_dataset(train)
+    if len(train.classes) != model.num_classes:
+        raise DataError(
+            f"the data has {len(train.classes)} classes but the model was built for {model.num_classes}; "
+            "build it with num_classes matching the data (or leave num_classes out of the config)"
+        )
+    if model.class_names is None:
+        model.class_names = list(train.classes)
+    train = align_classes(model, train)
+    if val is None:
+        train, val = stratified_split(train, config.val_fraction, config.seed)
+    else:
+        val = align_classes(model, load_dataset(val))
+    return train, val
+
+
+def fit(
+    model,
+    train,
+    val=None,
+    *,
+    config: TrainConfig | None = None,
+    cache_dir=None,
+    use_cache: bool = True,
+    progress: bool = True,
+    log=print,
+    checkpoint_dir=None,
+    resume: bool = False,
+    encryption_key: bytes | None = None,
+    **overrides,
+) -> dict:
+    """Train ``model`` on ``train`` (any input ``load_dataset`` takes); returns the training history."""
+    config = train_config(config, **overrides)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    train_ds, val_ds = prepare_data(model, train, val, config)
+    cache = FeatureCache(cache_dir, enabled=use_cache, runtime=config.extract_runtime)
+    history: dict = {"mode": config.mode, "n_train": len(train_ds), "n_val": len(val_ds), "config": config.model_dump()}
+    start = time.perf_counter()
+    if config.mode == "finetune":
+        from fusion_engine.training.finetune import finetune
+
+        history.update(
+            finetune(
+                model,
+                train_ds,
+                val_ds,
+                config,
+                device=device,
+                log=log,
+                progress=progress,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                encryption_key=encryption_key,
+            )
+        )
+    model.to(device)
+    train_feats = cache.features(
+        model, train_ds, batch_size=config.batch_size, num_workers=config.num_workers, device=device, progress=progress
+    )
+    val_feats = cache.features(
+        model, val_ds, batch_size=config.batch_size, num_workers=config.num_workers, device=device, progress=progress
+    )
+    if distributed.active():  # the collective part is over: rank 0 trains the head and saves alone
+        history["rank"] = distributed.finish()
+        if history["rank"] != 0:
+            return history
+    history["extract_seconds"] = round(cache.stats["extract_seconds"], 3)
+    history["cache"] = dict(cache.stats)
+    head_start = time.perf_counter()
+    seed_everything(config.seed)  # extraction draws random numbers only on a cache miss: same start either way
+    if config.mode == "frozen":
+        y, y_val = train_ds.targets, val_ds.targets
+        if getattr(model.fusion, "requires_fit", False):
+            model.fusion.fit([np.asarray(f) for f in train_feats], y)
+            history["epochs"] = []
+        else:
+            history["epochs"] = train_head(model.fusion, train_feats, y, val_feats, y_val, config, device, log)
+    history["head_seconds"] = round(time.perf_counter() - head_start, 3)
+    val_pred = logits_from_features(model.fusion, val_feats, device=device).argmax(1)
+    history["val_accuracy"] = float((val_pred == val_ds.targets).mean())
+    if config.baselines:
+        baselines = Baselines([b.feature_dim for b in model.branches], model.num_classes)
+        train_hand = handcrafted_for(train_ds, cache)
+        val_hand = handcrafted_for(val_ds, cache)
+        scores = fit_baselines(
+            baselines,
+            [np.asarray(f) for f in train_feats],
+            train_ds.targets,
+            [np.asarray(f) for f in val_feats],
+            val_ds.targets,
+            np.asarray(train_hand),
+            np.asarray(val_hand),
+            seed=config.seed,
+        )
+        model.baselines = baselines
+        history["baselines_val_accuracy"] = {
+            **{name: scores[f"branch{i}"] for i, name in enumerate(model.branch_names)},
+            "handcrafted": scores["handcrafted"],
+        }
+    history["seconds"] = round(time.perf_counter() - start, 3)
+    model.history = history
+    model.to("cpu")
+    return history
+
+
+def train_head(head, train_feats, y, val_feats, y_val, config: TrainConfig, device, log=print) -> list[dict]:
+    """AdamW with cosine decay on cached features; early stopping keeps the best validation epoch."""
+    head.to(device)
+    optimizer = torch.optim.AdamW(
+        [p for p in head.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    generator = torch.Generator().manual_seed(config.seed)
+    best, best_state, stale, epochs = -1.0, None, 0, []
+    batch_size = min(config.head_batch_size, max(16, len(y_t) // 20))  # at least ~20 steps per epoch
+    for epoch in range(config.epochs):
+        head.train()
+        order = torch.randperm(len(y_t), generator=generator).numpy()
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = np.sort(order[start : start + batch_size])
+            batch = [torch.from_numpy(np.asarray(f[idx])).to(device) for f in train_feats]
+            loss = F.cross_entropy(head(batch), y_t[idx].to(device), label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+        scheduler.step()
+        val_acc = float((logits_from_features(head, val_feats, device=device).argmax(1) == np.asarray(y_val)).mean())
+        epochs.append({"epoch": epoch + 1, "loss": round(total / len(order), 5), "val_accuracy": round(val_acc, 5)})
+        if val_acc > best:
+            best, best_state, stale = val_acc, state_tensors(head), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    head.load_state_dict(best_state)
+    return epochs

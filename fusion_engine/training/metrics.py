@@ -1,0 +1,49 @@
+"""Classification metrics and their plain-text table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification_metrics(y_true, y_pred, class_names) -> dict:
+    """Accuracy, macro-F1, per-class accuracy and the confusion matrix."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    labels = list(range(len(class_names)))
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    support = matrix.sum(axis=1)
+    per_class = {name: (float(matrix[i, i] / support[i]) if support[i] else None) for i, name in enumerate(class_names)}
+    return {
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "n": int(len(y_true)),
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The side-by-side table: fused model, each branch alone, handcrafted baseline, per class."""
+    rows = [("fused model", report["accuracy"], report["macro_f1"])]
+    rows += [
+        (f"branch {name} (probe)", m["accuracy"], m["macro_f1"]) for name, m in report.get("branch_metrics", {}).items()
+    ]
+    rows += [
+        (f"baseline {name}", m["accuracy"], m["macro_f1"]) for name, m in report.get("baseline_metrics", {}).items()
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'model':<{width}}  accuracy  macro-F1   (n={report['n']})"]
+    lines += [f"{name:<{width}}  {acc:8.4f}  {f1:8.4f}" for name, acc, f1 in rows]
+    margins = report.get("margins")
+    if margins:
+        lines.append(
+            "fused vs best branch: {:+.2f} points; vs handcrafted: {:+.2f} points".format(
+                100 * margins["vs_best_branch"], 100 * margins["vs_handcrafted"]
+            )
+        )
+    lines.append(
+        "per-class accuracy: "
+        + ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=n/a" for k, v in report["per_class"].items())
+    )
+    return "\n".join(lines)
