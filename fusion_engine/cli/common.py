@@ -54,30 +54,32 @@ def apply_weights_dir(args) -> None:
         os.environ[ENV_VAR] = os.pathsep.join(args.weights_dir)
 
 
+def given(**flags) -> dict:
+    """The flags a user set (not None); the ones left out keep the library's defaults."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
 def train_config_from(args):
     """The TrainConfig of ``fusion-engine train``'s flags (unset flags keep TrainConfig's defaults)."""
-    overrides = {
-        k: v
-        for k, v in {
-            "mode": args.mode,
-            "epochs": args.epochs,
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "backbone_lr": args.backbone_lr,
-            "unfreeze": args.unfreeze,
-            "augment": not args.no_augment,
-            "mixup": args.mixup,
-            "cutmix": args.cutmix,
-            "precision": args.precision,
-            "num_workers": args.workers,
-            "device": args.device,
-            "val_fraction": args.val_fraction,
-            "extract_runtime": args.extract_runtime,
-        }.items()
-        if v is not None
-    }
-    return train_config(**overrides)
+    return train_config(
+        **given(
+            mode=args.mode,
+            epochs=args.epochs,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            backbone_lr=args.backbone_lr,
+            unfreeze=args.unfreeze,
+            augment=not args.no_augment,
+            mixup=args.mixup,
+            cutmix=args.cutmix,
+            precision=args.precision,
+            num_workers=args.workers,
+            device=args.device,
+            val_fraction=args.val_fraction,
+            extract_runtime=args.extract_runtime,
+        )
+    )
 
 
 def load_train_test(args, log, training_note: str = "") -> tuple:

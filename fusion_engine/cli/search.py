@@ -8,6 +8,7 @@ import time
 from fusion_engine.cli.common import (
     apply_weights_dir,
     encryption_key,
+    given,
     load_train_test,
     logger,
     report_summary,
@@ -67,17 +68,13 @@ def run_search(args) -> int:
         )
     data, train_data, test_data = load_train_test(args, log, " (the search sees only these)")
     train_config = train_config_from(args)  # --mode finetune was refused above
-    search_overrides = {
-        k: v
-        for k, v in {
-            "time_budget": args.time_budget,
-            "max_branches": args.max_branches,
-            "folds": args.folds,
-            "epochs": args.search_epochs,
-            "prefer_fewer": False if args.prefer_best else None,
-        }.items()
-        if v is not None
-    }
+    search_overrides = given(
+        time_budget=args.time_budget,
+        max_branches=args.max_branches,
+        folds=args.folds,
+        epochs=args.search_epochs,
+        prefer_fewer=False if args.prefer_best else None,
+    )
     engine = make_engine()
     key = encryption_key(args, required=args.encrypt)
     result = search(
