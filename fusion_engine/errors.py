@@ -1,7 +1,8 @@
 """The project's own error types: every failure a user can cause raises one of these.
 
-Also the two helpers every error message uses: ``suggest`` (a close match for a mistyped name)
-and ``validation_message`` (a pydantic ValidationError as one readable line).
+Also the helpers every message uses: ``suggest`` (a close match for a mistyped name),
+``validation_message`` (a pydantic ValidationError as one readable line) and ``printable`` (names
+from folders, manifests or files escaped before they reach a terminal).
 """
 
 from __future__ import annotations
@@ -65,3 +66,13 @@ def validation_message(exc: pydantic.ValidationError, *, valid=None, noun: str =
     if unknown and valid is not None:
         problems[-1] += f". Valid {noun}s: {', '.join(valid) or '(none)'}"
     return "; ".join(problems)
+
+
+def printable(text) -> str:
+    """``text`` safe to print on a terminal: control and other non-printable characters (ANSI escapes,
+    newlines, bidi overrides) written as ``repr``-style escapes (``\\x1b``, ``\\n``, ``\\u202e``);
+    printable text, non-ASCII letters included, unchanged. For text output only: JSON stays exact."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -487,69 +487,7 @@ def _load_or_own_error(folder, engine):
         pass
 
 
-@FUZZ
-@given(data=st.data())
-def test_random_manifest_byte_mutations(base_artifact, tmp_path_factory, engine, data):
-    folder = tmp_path_factory.mktemp("fuzz") / "run"
-    shutil.copytree(base_artifact, folder)
-    raw = bytearray((folder / "manifest.json").read_bytes())
-    for _ in range(data.draw(st.integers(1, 4))):
-        op = data.draw(st.sampled_from(["flip", "delete", "insert", "truncate"]))
-        at = data.draw(st.integers(0, len(raw) - 1))
-        if op == "flip":
-            raw[at] = data.draw(st.integers(0, 255))
-        elif op == "delete":
-            del raw[at : at + data.draw(st.integers(1, 16))]
-        elif op == "insert":
-            raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
-        else:
-            del raw[at:]
-        if not raw:
-            break
-    (folder / "manifest.json").write_bytes(bytes(raw))
-    _load_or_own_error(folder, engine)
-
-
-JSON_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-64, 256)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12)
-    | st.sampled_from(["../x", "/etc/passwd", "model.safetensors", "timm", "test_resnet"]),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=8,
-)
-
-
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _paths(v, (*prefix, i))
-
-
-@FUZZ
-@given(data=st.data())
-def test_random_manifest_field_mutations(base_artifact, tmp_path_factory, engine, data):
-    folder = tmp_path_factory.mktemp("fuzz") / "run"
-    shutil.copytree(base_artifact, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for _ in range(data.draw(st.integers(1, 3))):
-        paths = [p for p in _paths(manifest) if p]
-        path = data.draw(st.sampled_from(paths))
-        parent = manifest
-        for key in path[:-1]:
-            parent = parent[key]
-        if data.draw(st.booleans()) or not isinstance(parent, dict):
-            parent[path[-1]] = data.draw(JSON_VALUES)
-        else:
-            del parent[path[-1]]
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    _load_or_own_error(folder, engine)
+# Manifest mutations (bytes and fields) are fuzzed in tests/test_manifest_security.py.
 
 
 @FUZZ

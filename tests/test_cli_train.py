@@ -250,7 +250,9 @@ def test_finetune_checkpoints_resumes_after_an_interrupt_and_removes_the_checkpo
     assert json.loads((tmp_path / "run.checkpoint" / "state.json").read_text())["epoch"] == 1
     assert not leftovers(tmp_path)
     monkeypatch.setattr(finetune, "_save_checkpoint", original)
-    assert main(train_args(ws, out, *finetune_args, "--resume")) == 0
+    # A later checkpoint save killed between its two renames strands it as .NAME.old-*: --resume puts it back.
+    (tmp_path / "run.checkpoint").rename(tmp_path / ".run.checkpoint.old-1-1")
+    assert main(train_args(ws, out, *finetune_args, "--resume", "--device", "cpu")) == 0  # the device may change
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert not (tmp_path / "run.checkpoint").exists()
     expected, resumed = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
@@ -266,6 +268,119 @@ def test_resume_without_a_checkpoint_is_a_clean_error(ws, tmp_path, capsys):
     assert main(train_args(ws, out, "--resume")) == 2  # frozen mode keeps no checkpoint
     assert re.search(r"^error: --resume .*--mode finetune", capsys.readouterr().err, re.MULTILINE)
     assert not out.exists()
+
+
+def interrupted_finetune(ws: Path, out: Path, monkeypatch, *extra) -> Path:
+    """A --mode finetune run stopped after its first epoch's checkpoint; returns the checkpoint folder."""
+    import fusion_engine.training.finetune as finetune
+
+    original = finetune._save_checkpoint
+
+    def save_then_interrupt(*args):
+        original(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "_save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(train_args(ws, out, "--mode", "finetune", "--epochs", "2", "--batch-size", "32", *extra))
+    monkeypatch.setattr(finetune, "_save_checkpoint", original)
+    checkpoint = Path(str(out) + ".checkpoint")
+    assert json.loads((checkpoint / "state.json").read_text())["epoch"] == 1
+    return checkpoint
+
+
+def test_resume_refuses_a_different_run_and_says_what_differs(ws, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    checkpoint = interrupted_finetune(ws, out, monkeypatch)
+    before = snapshot(checkpoint)
+    one_branch = tmp_path / "one.json"
+    one_branch.write_text(json.dumps({**CONFIG, "backbones": CONFIG["backbones"][:1]}))
+    fewer = write_folder(tmp_path / "fewer", *digits(100))
+    resume = ["--mode", "finetune", "--epochs", "2", "--batch-size", "32", "--resume"]
+    cases = {
+        "seed": (["--seed", "1"], r"seed: checkpoint 0, now 1"),
+        "epochs": (["--epochs", "3"], r"epochs: checkpoint 2, now 3"),
+        "lr": (["--lr", "0.5"], r"lr: checkpoint [0-9.e-]+, now 0\.5"),
+        "no-augment": (["--no-augment"], r"augment: checkpoint true, now false"),
+        "branches": (
+            ["--config", one_branch],
+            r'branches: checkpoint \["timm:test_resnet", "timm:test_efficientnet"\], now \["timm:test_resnet"\]',
+        ),
+        "fusion": (["--fusion", "attention"], r"config\.fusion\.name: checkpoint \"concat\", now \"attention\""),
+        "data": (["--data", fewer], r"training data: checkpoint \"[0-9]+ images, digest [0-9a-f]+\", now"),
+    }
+    for name, (extra, message) in cases.items():
+        assert main(train_args(ws, out, *resume, *extra)) == 2, name  # the later of a repeated option wins
+        err = capsys.readouterr().err
+        assert re.search(r"^error: --resume: the checkpoint at .*run\.checkpoint was written by a different run: ", err)
+        assert re.search(message, err), (name, err)
+        assert "Traceback" not in err
+        assert snapshot(checkpoint) == before and not out.exists()
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(ws, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    checkpoint = interrupted_finetune(ws, out, monkeypatch)
+    kept = tmp_path / "kept"
+    shutil.copytree(checkpoint, kept)
+    damage = {
+        "state.json not JSON": ("state.json", b"{not json", r"state\.json is missing or damaged \(not JSON"),
+        "state.json no epoch": ("state.json", b"{}", r"state\.json is missing or damaged \(no valid 'epoch'\)"),
+        "model truncated": ("model.safetensors", None, r"model\.safetensors is missing or damaged"),
+        "optimizer missing": ("optimizer.safetensors", "delete", r"optimizer\.safetensors is missing or damaged"),
+        "best garbage": ("best.safetensors", b"\x00" * 64, r"best\.safetensors is missing or damaged"),
+    }
+    for name, (file, change, message) in damage.items():
+        shutil.rmtree(checkpoint)
+        shutil.copytree(kept, checkpoint)
+        target = checkpoint / file
+        if change == "delete":
+            target.unlink()
+        elif change is None:
+            target.write_bytes(target.read_bytes()[:100])
+        else:
+            target.write_bytes(change)
+        assert main(train_args(ws, out, "--mode", "finetune", "--epochs", "2", "--batch-size", "32", "--resume")) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"^error: checkpoint file .*run\.checkpoint/" + message, err, re.MULTILINE), (name, err)
+        assert "start without --resume" in err and "Traceback" not in err
+    # A checkpoint that does not say which run wrote it (made before runs were recorded) is not trusted either.
+    shutil.rmtree(checkpoint)
+    shutil.copytree(kept, checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
+    del state["run"]
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    assert main(train_args(ws, out, "--mode", "finetune", "--epochs", "2", "--batch-size", "32", "--resume")) == 2
+    assert re.search(r"^error: --resume: the checkpoint at .* does not record which run", capsys.readouterr().err)
+
+
+# --- --out --------------------------------------------------------------------------------------
+
+
+def test_out_naming_a_file_is_refused_before_any_data_is_read(ws, tmp_path, capsys, monkeypatch):
+    import fusion_engine.cli.train as train_command
+
+    monkeypatch.setattr(
+        train_command, "load_train_test", lambda *a: pytest.fail("data loaded before --out was checked")
+    )
+    (tmp_path / "file").write_text("precious")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "folder")
+    (tmp_path / "run.checkpoint").write_text("not a folder")
+    cases = {
+        tmp_path / "file": r"--out .*file is a file; RUN_DIR must be a folder \(new or an earlier RUN_DIR\)",
+        tmp_path / "link": r"--out .*link is a symbolic link; RUN_DIR must be a folder",
+        tmp_path / "file" / "run": r"--out .*file/run: .*file is a file, not a folder",
+    }
+    for out, message in cases.items():
+        assert main(train_args(ws, out)) == 2
+        assert re.search("^error: " + message, capsys.readouterr().err, re.MULTILINE), out
+        assert main(train_args(ws, out, "--search")) == 2  # --search writes RUN_DIR too
+        assert re.search("^error: " + message, capsys.readouterr().err, re.MULTILINE), out
+    assert main(train_args(ws, tmp_path / "run", "--mode", "finetune")) == 2
+    assert re.search(r"^error: .*run\.checkpoint, where fine-tuning keeps its checkpoint", capsys.readouterr().err)
+    assert (tmp_path / "file").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "link", "run.checkpoint"]
 
 
 # --- bad data ----------------------------------------------------------------------------------

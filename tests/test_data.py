@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_engine.core.data import ImageDataset, collate_images, load_dataset, stratified_split, to_float_images
+from fusion_engine.core.data import (
+    MAX_CLASSES,
+    ImageDataset,
+    collate_images,
+    load_dataset,
+    stratified_split,
+    to_float_images,
+)
 from fusion_engine.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -244,6 +252,61 @@ def test_labels_out_of_range_or_negative():
         load_dataset((noise((4, 4, 4)), [0, 1, 2, 3]), classes=["a", "b", "c"])
     with pytest.raises(DataError, match=r"label -1 is out of range"):
         load_dataset((noise((4, 4, 4)), [0, 1, -1, 1]))
+
+
+@pytest.mark.parametrize(
+    "y",
+    [
+        np.array([0, 1, 10**12, 1]),
+        np.array([0, 1, 2**63 + 5, 1], dtype=np.uint64),  # would wrap to a negative int64
+        np.array([0.0, 1.0, 1e30, 1.0]),
+        np.array([0.0, 1.0, np.inf, 1.0]),
+        np.array([0, 1, -(10**12), 1]),
+    ],
+    ids=["1e12", "uint64-over-int64", "float-1e30", "inf", "-1e12"],
+)
+def test_huge_labels_in_an_npz_are_refused_before_any_allocation(tmp_path, y, monkeypatch):
+    """Issue #17: a label of 10^12 used to build a class list of 10^12 names (MemoryError)."""
+    import fusion_engine.core.data as data
+
+    path = tmp_path / "huge.npz"
+    np.savez(path, x=noise((4, 5, 5)), y=y)
+    monkeypatch.setattr(data, "_as_uint8", lambda *a: pytest.fail("images converted before the labels were checked"))
+    bad = str(int(y[2])) if y.dtype.kind in "iu" else str(y[2])  # 1000000000000, 1e+30, inf
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: label {re.escape(bad)} is out of range.*100,000"):
+        load_dataset(path)
+
+
+def test_labels_above_the_class_cap_are_refused_everywhere(tmp_path):
+    with pytest.raises(DataError, match=r"label 100000 is out of range"):
+        load_dataset((noise((2, 4, 4)), [0, MAX_CLASSES]), classes=[str(i) for i in range(3)])
+    with pytest.raises(DataError, match=r"100001 class names; at most 100,000"):
+        load_dataset((noise((2, 4, 4)), [0, 1]), classes=[str(i) for i in range(MAX_CLASSES + 1)])
+    np.savez(tmp_path / "names.npz", x=noise((2, 4, 4)), y=[0, 1], classes=np.array("ab"))
+    with pytest.raises(DataError, match=r"names\.npz: 'classes' has shape \(\); expected one name per class"):
+        load_dataset(tmp_path / "names.npz")
+
+    class Huge(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return noise((4, 4)), [0, 10**30][i]
+
+    with pytest.raises(DataError, match=r"item 1 of Huge: label 10{30} is out of range"):
+        load_dataset(Huge())
+
+
+def test_without_class_names_labels_cannot_make_more_classes_than_images(tmp_path):
+    np.savez(tmp_path / "sparse.npz", x_train=noise((4, 5, 5)), y_train=[0, 1, 9, 1])
+    with pytest.raises(
+        DataError,
+        match=r"sparse\.npz \(x_train, y_train\): label 9 would make 10 classes for 4 images.*name the classes",
+    ):
+        load_dataset(tmp_path / "sparse.npz")
+    named = load_dataset((noise((4, 5, 5)), [0, 1, 9, 1]), classes=[str(i) for i in range(10)])  # named: allowed
+    assert len(named.classes) == 10 and named.targets.tolist() == [0, 1, 9, 1]
+    assert load_dataset((noise((4, 5, 5)), [0, 1, 3, 1])).classes == ["0", "1", "2", "3"]  # K = n: allowed
 
 
 @pytest.mark.parametrize(

@@ -2,22 +2,31 @@
 
 Tolerances: probabilities within 1e-4 (max abs difference) of torch's on real images; on the held-out
 digits (360 images) onnxruntime's top-1 equals torch's on every image but at most one.
+
+Signed files: ``export --sign-key`` writes FILE.onnx.sig; ``predict FILE.onnx --runtime onnx --public-key``
+runs only the bytes that verified, and refuses a flipped byte, a missing or borrowed .sig, a forged digest
+and another key, each with an ArtifactError (exit 2).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
 
 from fusion_engine import Engine, load
+from fusion_engine.artifacts.signing import generate_keypair
 from fusion_engine.artifacts.store import save
 from fusion_engine.cli.main import main
-from fusion_engine.errors import ExportError
+from fusion_engine.errors import ArtifactError, ExportError
 
 MISSING = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(
@@ -41,13 +50,20 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, engine, digits_split, train_and_save):
-    """A tiny two-branch model trained on digits, saved, and exported with ``fusion-engine export``."""
+def keys(tmp_path_factory):
+    """(private, public) Ed25519 key files."""
+    return generate_keypair(tmp_path_factory.mktemp("keys") / "signing.pem")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, engine, digits_split, train_and_save, keys):
+    """A tiny two-branch model trained on digits, saved, and exported (and signed) with ``fusion-engine export``."""
     folder = tmp_path_factory.mktemp("export")
     train_and_save(engine, CONFIG, digits_split[0], folder / "run", epochs=8, lr=3e-3)
-    code = main(["export", str(folder / "run"), "--format", "onnx", "--out", str(folder / "model.onnx"), "--json"])
+    out = folder / "model.onnx"
+    code = main(["export", str(folder / "run"), "--format", "onnx", "--out", str(out), "--sign-key", str(keys[0])])
     assert code == 0
-    return folder / "run", folder / "model.onnx"
+    return folder / "run", out
 
 
 def session(path):
@@ -160,3 +176,126 @@ def test_not_a_fusion_engine_onnx_file(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(image)
     code = main(["predict", str(bad), str(image), "--runtime", "onnx"])
     assert code == 2 and "onnxruntime cannot load" in capsys.readouterr().err
+
+
+@pytest.fixture
+def images(digits_split, tmp_path):
+    return [str(p) for p in _png_files(digits_split[1], tmp_path / "images")]
+
+
+def test_signed_export_predicts_with_the_right_key(exported, keys, images, capsys):
+    from fusion_engine.artifacts.signing import fingerprint
+    from fusion_engine.runtime.export import signature_path
+
+    _, onnx_file = exported
+    record = json.loads(signature_path(onnx_file).read_text())
+    assert signature_path(onnx_file).name == "model.onnx.sig"
+    assert json.loads(record["signed"])["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    public = serialization.load_pem_public_key(keys[1].read_bytes())
+    assert record["public_key_fingerprint"] == fingerprint(public)
+    assert main(["predict", str(onnx_file), *images, "--json", "--runtime", "onnx"]) == 0
+    unchecked = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(onnx_file), *images, "--json", "--runtime", "onnx", "--public-key", str(keys[1])]) == 0
+    assert json.loads(capsys.readouterr().out) == unchecked
+
+
+def _copy(onnx_file, folder, *, with_signature=True):
+    from fusion_engine.runtime.export import signature_path
+
+    folder.mkdir()
+    shutil.copy(onnx_file, folder / onnx_file.name)
+    if with_signature:
+        shutil.copy(signature_path(onnx_file), signature_path(folder / onnx_file.name))
+    return folder / onnx_file.name
+
+
+def _flip_byte(path, offset=None):
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["byte flipped", "no signature", "signature of another file", "forged digest"])
+def test_tampered_or_unsigned_onnx_is_refused_with_a_public_key(case, exported, keys, images, tmp_path, capsys):
+    from fusion_engine.runtime.export import sign_onnx, signature_path
+    from fusion_engine.runtime.prediction import predict_onnx_files
+
+    _, onnx_file = exported
+    copy = _copy(onnx_file, tmp_path / "copy", with_signature=case != "no signature")
+    if case == "byte flipped":
+        _flip_byte(copy)
+        match = r"model\.onnx changed after signing, or model\.onnx\.sig was made for another file"
+    elif case == "no signature":
+        match = r"model\.onnx is not signed: .*model\.onnx\.sig is missing; .*--sign-key PRIVATE_KEY"
+    elif case == "signature of another file":
+        other = tmp_path / "other.onnx"
+        other.write_bytes(onnx_file.read_bytes() + b"\0")
+        sign_onnx(other, keys[0])  # the same key, a valid signature, but over other bytes
+        shutil.copy(signature_path(other), signature_path(copy))
+        match = r"model\.onnx changed after signing, or model\.onnx\.sig was made for another file"
+    else:  # flipped bytes and the recorded digest rewritten to match them, without the private key
+        _flip_byte(copy)
+        record = json.loads(signature_path(copy).read_text())
+        signed = json.loads(record["signed"])
+        signed["sha256"] = hashlib.sha256(copy.read_bytes()).hexdigest()
+        record["signed"] = json.dumps(signed, sort_keys=True)
+        signature_path(copy).write_text(json.dumps(record))
+        match = r"model\.onnx\.sig is invalid: not made by this key for this file"
+    with pytest.raises(ArtifactError, match=match):
+        predict_onnx_files(copy, images, public_key=keys[1])
+    assert main(["predict", str(copy), *images, "--runtime", "onnx", "--public-key", str(keys[1])]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and re.search("^error: .*" + match, captured.err, re.MULTILINE), captured.err
+
+
+def test_onnx_signed_by_another_key_is_refused(exported, images, tmp_path, capsys):
+    _, onnx_file = exported
+    _, other_public = generate_keypair(tmp_path / "other.pem")
+    match = r"model\.onnx is signed by another key \(fingerprint [0-9a-f]{64}\), expected [0-9a-f]{64}"
+    assert main(["predict", str(onnx_file), *images, "--runtime", "onnx", "--public-key", str(other_public)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and re.search("^error: .*" + match, captured.err, re.MULTILINE), captured.err
+
+
+def test_onnxruntime_runs_exactly_the_bytes_that_were_checked(exported, keys, images, tmp_path, monkeypatch):
+    """The file is read once: replacing it between the check and the session changes nothing."""
+    import fusion_engine.runtime.prediction as prediction
+    from fusion_engine.runtime.export import verify_onnx
+
+    _, onnx_file = exported
+    copy = _copy(onnx_file, tmp_path / "copy")
+    expected = prediction.predict_onnx_files(copy, images, public_key=keys[1])
+
+    def verify_then_swap(path, public_key):
+        data = verify_onnx(path, public_key)
+        Path(path).write_bytes(b"swapped after the check")  # a second read would now fail to load
+        return data
+
+    monkeypatch.setattr(prediction, "verify_onnx", verify_then_swap)
+    assert prediction.predict_onnx_files(copy, images, public_key=keys[1]) == expected
+
+
+def test_export_with_a_bad_signing_key_writes_nothing_and_a_plain_export_drops_a_stale_signature(
+    exported, engine, keys, tmp_path, monkeypatch
+):
+    import fusion_engine.runtime.export as export
+
+    run, onnx_file = exported
+    model = load(run, engine=engine)
+    bad_key = tmp_path / "bad.pem"
+    bad_key.write_text("not a key")
+    out = tmp_path / "out" / "m.onnx"
+    called = []
+    monkeypatch.setattr(export, "_export_graph", lambda *a, **k: called.append(1))
+    with pytest.raises(ArtifactError, match="bad.pem is not a usable unencrypted PEM private key"):
+        export.export_onnx(model, out, check_count=8, signing_key=bad_key)
+    assert called == [] and not out.parent.exists()  # refused before the slow export
+    # the graph of the fixture (the same model) stands in for a fresh export
+    monkeypatch.setattr(
+        export, "_export_graph", lambda module, path, example, names, opset=18: shutil.copy(onnx_file, path)
+    )
+    result = export.export_onnx(model, out, check_count=8, signing_key=keys[0])
+    assert result["signature"] == str(out) + ".sig" and export.verify_onnx(out, keys[1]) == out.read_bytes()
+    export.export_onnx(model, out, check_count=8)  # unsigned re-export: the old .sig names other bytes
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]

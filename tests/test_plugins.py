@@ -508,3 +508,226 @@ def test_disable_plugins_env_var_removes_a_plugin(monkeypatch):
     # the deny-list wins over the allow-list
     monkeypatch.setenv("FUSION_ENGINE_LOAD_PLUGINS", "bilinear")
     assert {p.name for p in Engine.from_plugins().plugins} == BUILTIN_NAMES
+
+
+# --- a bad installed plugin is isolated: shadowing, clashes, sys.exit() (issue #17) -------------------
+
+BUILTIN_COMPONENTS = {
+    "fusions": ("fusion", {"concat", "attention", "gated", "vote", "stacking"}),
+    "extractors": ("extractor", {"avg", "max", "gem", "multiscale"}),
+    "timm_backbones": ("backbone", {"timm"}),
+}
+
+IMPOSTOR = """
+import fusion_engine
+from fusion_engine import hookimpl
+from fusion_engine.builtins.fusions import concat
+
+fusion_engine.IMPOSTOR_IMPORTED = True
+
+@hookimpl
+def register_fusions(register):
+    register("concat", concat, description="an impostor")
+"""
+
+
+@pytest.mark.parametrize("builtin", sorted(BUILTIN_NAMES))
+def test_entry_point_named_like_a_builtin_is_a_failure_and_the_builtin_stays(fake_distribution, monkeypatch, builtin):
+    import fusion_engine
+
+    fake_distribution("fake-impostor", "6.6.6", IMPOSTOR, module="fake_impostor_module", entry_point=builtin)
+    engine = Engine.from_plugins()
+    [failure] = engine.failures
+    assert (failure.name, failure.version, failure.distribution) == (builtin, "6.6.6", "fake-impostor")
+    assert "built-in plugin" in failure.error and "rename the entry point" in failure.error
+    assert not hasattr(fusion_engine, "IMPOSTOR_IMPORTED")  # refused before its code ran
+    info = next(p for p in engine.plugins if p.name == builtin)
+    assert (info.source, info.distribution) == ("built-in", "fusion-engine")
+    kind, names = BUILTIN_COMPONENTS[builtin]
+    assert names <= set(engine.registry.names(kind))
+    assert {engine.registry.get(kind, name).plugin for name in names} == {builtin}
+    assert {"attention", "gated", "vote", "stacking"} <= set(engine.registry.names("fusion"))
+    assert engine.registry.get("fusion", "concat").description != "an impostor"
+
+    # with the built-ins denied by distribution name, the impostor still does not take their place
+    monkeypatch.setenv("FUSION_ENGINE_DISABLE_PLUGINS", "fusion-engine")
+    engine = Engine.from_plugins()
+    assert [f.name for f in engine.failures] == [builtin]
+    assert not {p.name for p in engine.plugins} & BUILTIN_NAMES
+
+    monkeypatch.delenv("FUSION_ENGINE_DISABLE_PLUGINS")
+    monkeypatch.setenv("FUSION_ENGINE_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=rf"'{builtin}' \(fake-impostor 6\.6\.6\).*built-in plugin"):
+        Engine.from_plugins()
+
+
+def test_installed_plugin_registering_a_builtin_name_fails_whole_and_the_builtin_stays(fake_distribution, monkeypatch):
+    fake_distribution(
+        "fake-shadow",
+        "1.0",
+        """
+        from fusion_engine import hookimpl
+        from fusion_engine.builtins.extractors import avg
+        from fusion_engine.builtins.fusions import concat
+
+        @hookimpl
+        def register_extractors(register):
+            register("shadow_avg", avg)
+
+        @hookimpl
+        def register_fusions(register):
+            register("shadow_other", concat)
+            register("concat", concat, description="an impostor")
+        """,
+        entry_point="fake_shadow",
+    )
+    engine = Engine.from_plugins()
+    [failure] = engine.failures
+    assert (failure.name, failure.distribution) == ("fake_shadow", "fake-shadow")
+    assert "fusion 'concat' is a built-in of plugin 'fusions'" in failure.error
+    concat = engine.registry.get("fusion", "concat")
+    assert (concat.plugin, concat.distribution) == ("fusions", "fusion-engine")
+    assert concat.description != "an impostor"
+    names = {c.name for c in engine.components()}
+    assert "shadow_other" not in names and "shadow_avg" not in names  # all its components withdrawn
+    assert "fake_shadow" not in {p.name for p in engine.plugins}
+    assert engine.build({"backbones": [TINY], "num_classes": 2})(torch.rand(1, 3, 8, 8)).shape == (1, 2)
+
+    monkeypatch.setenv("FUSION_ENGINE_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=r"'fake_shadow' \(fake-shadow 1\.0\).*fusion 'concat'.*'fusions'"):
+        Engine.from_plugins()
+
+
+def test_two_installed_plugins_registering_one_name_the_later_fails_the_earlier_stays(fake_distribution):
+    source = """
+    from fusion_engine import hookimpl
+    from fusion_engine.builtins.fusions import concat
+
+    @hookimpl
+    def register_fusions(register):
+        register("shared_name", concat)
+        register("only_{0}", concat)
+    """
+    fake_distribution("fake-first", "1.0", source.format("first"), entry_point="fake_first")
+    fake_distribution("fake-second", "1.0", source.format("second"), entry_point="fake_second")
+    engine = Engine.from_plugins()
+    [failure] = engine.failures
+    loaded = [p.name for p in engine.plugins if p.name in ("fake_first", "fake_second")]
+    assert len(loaded) == 1 and failure.name != loaded[0]
+    assert f"both plugin '{loaded[0]}' and plugin '{failure.name}'" in failure.error
+    assert engine.registry.get("fusion", "shared_name").plugin == loaded[0]
+    names = set(engine.registry.names("fusion"))
+    assert f"only_{loaded[0][5:]}" in names and f"only_{failure.name[5:]}" not in names
+
+
+def test_installed_plugin_registering_one_name_twice_is_a_failure(fake_distribution):
+    fake_distribution(
+        "fake-twice",
+        "1.0",
+        """
+        from fusion_engine import hookimpl
+        from fusion_engine.builtins.fusions import concat
+
+        @hookimpl
+        def register_fusions(register):
+            register("twice", concat)
+            register("twice", concat)
+        """,
+        entry_point="fake_twice",
+    )
+    engine = Engine.from_plugins()
+    [failure] = engine.failures
+    assert failure.name == "fake_twice" and "registered twice" in failure.error
+    assert "twice" not in engine.registry.names("fusion")
+
+
+SYS_EXIT_AT_IMPORT = "import sys\nsys.exit(3)\n"
+SYS_EXIT_IN_HOOK = """
+import sys
+from fusion_engine import hookimpl
+
+@hookimpl
+def register_fusions(register):
+    sys.exit(4)
+"""
+
+
+@pytest.mark.parametrize(
+    "source, code", [(SYS_EXIT_AT_IMPORT, 3), (SYS_EXIT_IN_HOOK, 4)], ids=["at import", "in its hook"]
+)
+def test_plugin_calling_sys_exit_is_a_failure_not_the_end(fake_distribution, monkeypatch, source, code):
+    fake_distribution("fake-exit", "0.1", source, entry_point="fake_exit")
+    fake_distribution("fake-plugin", "1.2.3", GOOD_PLUGIN, entry_point="fake_plugin")
+    engine = Engine.from_plugins()
+    [failure] = engine.failures
+    assert (failure.name, failure.version, failure.distribution) == ("fake_exit", "0.1", "fake-exit")
+    assert failure.error == f"SystemExit: the plugin called sys.exit({code})"
+    assert "Traceback" in failure.details
+    assert "fake_exit" not in {p.name for p in engine.plugins}
+    assert engine.registry.get("fusion", "fake_concat").plugin == "fake_plugin"  # the others load
+    monkeypatch.setenv("FUSION_ENGINE_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=rf"'fake_exit' \(fake-exit 0\.1\).*sys\.exit\({code}\)"):
+        Engine.from_plugins()
+
+
+def test_given_plugin_calling_sys_exit_raises_plugin_error_but_ctrl_c_goes_through(tmp_path, monkeypatch):
+    class Exits:
+        @hookimpl
+        def register_fusions(self, register):
+            sys.exit(5)
+
+    class Interrupted:
+        @hookimpl
+        def register_fusions(self, register):
+            raise KeyboardInterrupt
+
+    with pytest.raises(PluginError, match=r"'Exits'.*sys\.exit\(5\)"):
+        Engine.from_plugins([Exits()], entry_points=False)
+    (tmp_path / "fe_exits_at_import.py").write_text("import sys\nsys.exit(6)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(PluginError, match=r"'fe_exits_at_import'.*sys\.exit\(6\)"):
+            Engine.from_plugins(["fe_exits_at_import"], entry_points=False)
+    finally:
+        sys.modules.pop("fe_exits_at_import", None)
+    with pytest.raises(KeyboardInterrupt):
+        Engine.from_plugins([Interrupted()], entry_points=False)
+
+
+def test_components_and_built_models_record_their_distribution(fake_distribution):
+    fake_distribution("fake-plugin", "1.2.3", GOOD_PLUGIN, entry_point="fake_plugin")
+    engine = Engine.from_plugins([TinyPlugin()])
+    assert engine.registry.get("fusion", "fake_concat").distribution == "fake-plugin"
+    assert engine.registry.get("fusion", "mean_of_heads").distribution is None  # given in code
+    model = engine.build(
+        {"backbones": [TINY, {"name": "tiny", "extractor": "stage_max"}], "fusion": "fake_concat", "num_classes": 2}
+    )
+    assert sorted(model.components, key=lambda c: (c["kind"], c["name"])) == [
+        {
+            "kind": "backbone",
+            "name": "timm",
+            "plugin": "timm_backbones",
+            "version": fusion_version(),
+            "distribution": "fusion-engine",
+        },
+        {"kind": "backbone", "name": "tiny", "plugin": "TinyPlugin", "version": "9.8.7", "distribution": None},
+        {
+            "kind": "extractor",
+            "name": "avg",
+            "plugin": "extractors",
+            "version": fusion_version(),
+            "distribution": "fusion-engine",
+        },
+        {"kind": "extractor", "name": "stage_max", "plugin": "TinyPlugin", "version": "9.8.7", "distribution": None},
+        {
+            "kind": "fusion",
+            "name": "fake_concat",
+            "plugin": "fake_plugin",
+            "version": "1.2.3",
+            "distribution": "fake-plugin",
+        },
+    ]
+
+
+def fusion_version() -> str:
+    return importlib.metadata.version("fusion-engine")

@@ -1,6 +1,7 @@
 """Prediction on image files: folders and single files, grey and RGB of any size, top-k, the same
 answers from the saved model as from the model before saving, ``fusion-engine predict --json`` in a
-subprocess, and clear errors for paths that are not images."""
+subprocess, clear errors for paths that are not images, and class names with control characters
+printed escaped (text output) but exact (JSON)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import fusion_engine
 from fusion_engine import DataError, Engine
 from fusion_engine.cli.main import main
 from fusion_engine.core.data import load_dataset
+from fusion_engine.errors import printable
 from fusion_engine.runtime.prediction import image_files, predict_files
 
 CONFIG = {
@@ -185,3 +187,62 @@ def test_paths_that_are_not_images_are_clean_errors(what, trained, tmp_path, cap
     assert main(["predict", str(trained["run"]), str(path), "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and re.search("^error: .*" + match, captured.err, re.MULTILINE), captured.err
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("plain name", "plain name"),
+        ("café 猫", "café 猫"),  # printable non-ASCII stays as it is
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("two\nlines\ttab\r", "two\\nlines\\ttab\\r"),
+        ("\u202eevil", "\\u202eevil"),  # bidi override
+        ("bad\udcffbyte", "bad\\udcffbyte"),  # a surrogate-escaped file name byte
+        ("\x07bell\x7f", "\\x07bell\\x7f"),
+    ],
+)
+def test_printable_escapes_control_characters_only(text, shown):
+    assert printable(text) == shown
+    assert printable(text).isprintable()
+
+
+ESCAPED_CLASSES = ["\x1b[31mzero", "one\x1b[0m", "two\nlines", "three"]
+
+
+@pytest.fixture(scope="module")
+def escaped_run(trained):
+    """The trained model saved again with class names that carry ANSI escapes and a newline."""
+    model = fusion_engine.load(trained["run"])
+    model.class_names = list(ESCAPED_CLASSES)
+    model.save(trained["root"] / "escaped-run")
+    return trained["root"] / "escaped-run"
+
+
+def test_predict_prints_class_names_escaped_and_json_exact(escaped_run, trained, capsys):
+    assert main(["predict", str(escaped_run), str(trained["images"]), "--top-k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and len(out.splitlines()) == 9  # one line per image: no raw newline either
+    for name in ("\\x1b[31mzero", "one\\x1b[0m", "two\\nlines", "three"):
+        assert out.count(name + " ") == 9, out
+    assert main(["predict", str(escaped_run), str(trained["single"]), "--top-k", "4", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert sorted(t["class"] for t in results[0]["top"]) == sorted(ESCAPED_CLASSES)
+
+
+def test_evaluate_prints_class_names_escaped(escaped_run, tmp_path, capsys):
+    x, y = digits(40, offset=160)
+    data = tmp_path / "held_out.npz"
+    np.savez(data, x=x, y=y, classes=np.asarray(ESCAPED_CLASSES))
+    png = tmp_path / "confusion.png"
+    assert (
+        main(["evaluate", str(escaped_run), "--data", str(data), "--no-cache", "-q", "--confusion-png", str(png)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    per_class = next(line for line in out.splitlines() if line.startswith("per-class accuracy: "))
+    assert re.fullmatch(
+        r"per-class accuracy: \\x1b\[31mzero=\d\.\d{3}, one\\x1b\[0m=\d\.\d{3}, two\\nlines=\d\.\d{3}, three=\d\.\d{3}",
+        per_class,
+    ), per_class
+    assert main(["evaluate", str(escaped_run), "--data", str(data), "--no-cache", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["per_class"]) == ESCAPED_CLASSES

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -186,6 +188,53 @@ def test_fit_with_bf16_extraction_trains_a_working_model(engine, digits_split, t
     )
     assert history["config"]["extract_runtime"] == "bf16"
     assert model.evaluate(test, progress=False, cache=FeatureCache(tmp_path))["accuracy"] > 0.5
+
+
+def _bench(run, *options) -> int:
+    return main(["bench", str(run), "--runtime", "torch", "--batch-size", "4", "--iterations", "1", *options])
+
+
+def test_bench_on_a_tampered_run_exits_2_with_one_line(run_dir, tmp_path, capsys):
+    tampered = tmp_path / "run"
+    shutil.copytree(run_dir, tampered)
+    data = bytearray((tampered / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (tampered / "model.safetensors").write_bytes(bytes(data))
+    assert _bench(tampered, "--runtime", "bf16") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.fullmatch(
+        r"error: every runtime failed \(torch, bf16\): ArtifactError: [^\n]*model\.safetensors[^\n]*\n", captured.err
+    ), captured.err
+
+
+def test_bench_checks_the_signature_in_each_measuring_process(run_dir, engine, tmp_path, capsys):
+    from fusion_engine import load
+    from fusion_engine.artifacts.signing import generate_keypair
+    from fusion_engine.artifacts.store import save
+
+    private, public = generate_keypair(tmp_path / "keys" / "signing.pem")
+    assert _bench(run_dir, "--public-key", str(public)) == 2  # the unsigned run is refused, not measured
+    captured = capsys.readouterr()
+    assert captured.out == "" and re.fullmatch(
+        r"error: every runtime failed \(torch\): ArtifactError: artifact is not signed: [^\n]*\n", captured.err
+    ), captured.err
+    save(load(run_dir, engine=engine), tmp_path / "signed", signing_key=private)
+    assert _bench(tmp_path / "signed", "--public-key", str(public), "--json") == 0
+    assert "images_per_second" in json.loads(capsys.readouterr().out)[0]
+
+
+def test_bench_exits_0_when_one_runtime_still_works(run_dir, capsys, monkeypatch):
+    import fusion_engine.cli.bench as bench
+
+    rows = [{"runtime": "torch", "error": "RuntimeError: no"}, {"runtime": "bf16", "images_per_second": 1.0}]
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: rows)
+    assert _bench(run_dir, "--json") == 0 and json.loads(capsys.readouterr().out) == rows
+    rows[1] = {"runtime": "bf16", "error": "ConfigError: \x1b[31mred\nsecond line"}
+    assert _bench(run_dir) == 2  # two different errors: both, first lines only, escaped, in one line
+    assert capsys.readouterr().err == (
+        "error: every runtime failed (torch): RuntimeError: no; ConfigError: \\x1b[31mred\n"
+    )
 
 
 def test_bench_table_flags_a_runtime_that_moves_top1_more_than_half_a_point():

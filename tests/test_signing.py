@@ -16,6 +16,11 @@ from fusion_engine.artifacts.signing import generate_keypair, sign_manifest, ver
 from fusion_engine.errors import ArtifactError
 
 
+def check(folder, public_key):
+    """``verify_manifest`` over the manifest's bytes, read once as the store reads them."""
+    return verify_manifest(folder, public_key, (folder / "manifest.json").read_bytes())
+
+
 def make_artifact(folder, digest="ab" * 32):
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({"files": {"model.safetensors": digest}}, indent=2))
@@ -53,13 +58,40 @@ def test_sign_and_verify(tmp_path, keys):
     record = json.loads((folder / "manifest.sig").read_text())
     assert record["algorithm"] == "ed25519" and record["public_key_fingerprint"] == fingerprint
     assert len(base64.b64decode(record["signature"])) == 64
-    assert verify_manifest(folder, public) == fingerprint
+    assert check(folder, public) == fingerprint
+
+
+def test_verify_checks_the_bytes_it_is_given_never_the_file(tmp_path, keys):
+    """The caller reads manifest.json once and parses what was verified: the file is not read again here."""
+    private, public = keys
+    folder = make_artifact(tmp_path / "art")
+    signed_bytes = (folder / "manifest.json").read_bytes()
+    fingerprint = sign_manifest(folder, private)
+    (folder / "manifest.json").write_text('{"files": {}}')  # replaced on disk after the caller's read
+    assert verify_manifest(folder, public, signed_bytes) == fingerprint
+    (folder / "manifest.json").write_bytes(signed_bytes)  # the file is intact; the bytes given are not
+    with pytest.raises(ArtifactError, match="manifest.json changed after signing"):
+        verify_manifest(folder, public, signed_bytes.replace(b"ab", b"ff", 1))
+    with pytest.raises(TypeError, match="needs the manifest's bytes"):
+        verify_manifest(folder, public, str(folder / "manifest.json"))
+
+
+def test_sign_signs_the_bytes_it_is_given(tmp_path, keys):
+    private, public = keys
+    folder = make_artifact(tmp_path / "art")
+    checked = (folder / "manifest.json").read_bytes()
+    (folder / "manifest.json").write_text('{"files": {"evil": "00"}}')  # swapped after the caller checked it
+    sign_manifest(folder, private, checked)
+    with pytest.raises(ArtifactError, match="manifest.json changed after signing"):
+        check(folder, public)  # the swapped file was not signed
+    (folder / "manifest.json").write_bytes(checked)
+    check(folder, public)
 
 
 def test_missing_signature(tmp_path, keys):
     folder = make_artifact(tmp_path / "art")
     with pytest.raises(ArtifactError, match="artifact is not signed"):
-        verify_manifest(folder, keys[1])
+        check(folder, keys[1])
 
 
 def test_another_key(tmp_path, keys):
@@ -67,7 +99,7 @@ def test_another_key(tmp_path, keys):
     folder = make_artifact(tmp_path / "art")
     fingerprint = sign_manifest(folder, other_private)
     with pytest.raises(ArtifactError, match=f"signed by another key \\(fingerprint {fingerprint}\\), expected"):
-        verify_manifest(folder, keys[1])
+        check(folder, keys[1])
 
 
 def test_signature_copied_from_another_artifact(tmp_path, keys):
@@ -76,7 +108,7 @@ def test_signature_copied_from_another_artifact(tmp_path, keys):
     sign_manifest(first, keys[0])
     shutil.copy(first / "manifest.sig", second / "manifest.sig")
     with pytest.raises(ArtifactError, match="changed after signing, or manifest.sig was copied from another artifact"):
-        verify_manifest(second, keys[1])
+        check(second, keys[1])
 
 
 def test_manifest_edited_after_signing(tmp_path, keys):
@@ -84,7 +116,7 @@ def test_manifest_edited_after_signing(tmp_path, keys):
     sign_manifest(folder, keys[0])
     (folder / "manifest.json").write_text((folder / "manifest.json").read_text().replace("ab", "ff", 1))
     with pytest.raises(ArtifactError, match="manifest.json changed after signing"):
-        verify_manifest(folder, keys[1])
+        check(folder, keys[1])
 
 
 def test_edited_manifest_with_matching_recorded_hash_fails_signature(tmp_path, keys):
@@ -97,7 +129,7 @@ def test_edited_manifest_with_matching_recorded_hash_fails_signature(tmp_path, k
     record["manifest_sha256"] = hashlib.sha256(b"{}").hexdigest()
     (folder / "manifest.sig").write_text(json.dumps(record))
     with pytest.raises(ArtifactError, match="is invalid: not made by this key for this manifest"):
-        verify_manifest(folder, keys[1])
+        check(folder, keys[1])
 
 
 def test_tampered_signature_bytes(tmp_path, keys):
@@ -109,7 +141,7 @@ def test_tampered_signature_bytes(tmp_path, keys):
     record["signature"] = base64.b64encode(bytes(sig)).decode()
     (folder / "manifest.sig").write_text(json.dumps(record))
     with pytest.raises(ArtifactError, match="manifest.sig is invalid"):
-        verify_manifest(folder, keys[1])
+        check(folder, keys[1])
 
 
 @pytest.mark.parametrize(
@@ -119,7 +151,7 @@ def test_malformed_signature_file(tmp_path, keys, content):
     folder = make_artifact(tmp_path / "art")
     (folder / "manifest.sig").write_bytes(content)
     with pytest.raises(ArtifactError, match="signature file .* is malformed"):
-        verify_manifest(folder, keys[1])
+        check(folder, keys[1])
 
 
 def test_corrupt_and_missing_key_files(tmp_path, keys):
@@ -128,9 +160,9 @@ def test_corrupt_and_missing_key_files(tmp_path, keys):
     bad = tmp_path / "bad.pub"
     bad.write_text("-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----\n")
     with pytest.raises(ArtifactError, match="bad.pub is not a usable unencrypted PEM public key"):
-        verify_manifest(folder, bad)
+        check(folder, bad)
     with pytest.raises(ArtifactError, match="cannot read public key"):
-        verify_manifest(folder, tmp_path / "nope.pub")
+        check(folder, tmp_path / "nope.pub")
     with pytest.raises(ArtifactError, match="bad.pub is not a usable unencrypted PEM private key"):
         sign_manifest(folder, bad)
 
@@ -152,7 +184,7 @@ def test_wrong_key_type_is_named(tmp_path):
         sign_manifest(folder, private)
     (folder / "manifest.sig").write_text("{}")
     with pytest.raises(ArtifactError, match="holds a .*RSAPublicKey"):
-        verify_manifest(folder, public)
+        check(folder, public)
 
 
 def test_sign_without_manifest(tmp_path, keys):
@@ -181,7 +213,7 @@ def test_random_signature_mutations_raise_artifact_error_only(signed, data):
     mutated = bytes(mutated[: data.draw(st.integers(0, len(mutated)))]) if data.draw(st.booleans()) else bytes(mutated)
     (folder / "manifest.sig").write_bytes(mutated)
     try:
-        verify_manifest(folder, public)
+        check(folder, public)
     except ArtifactError:
         return
     # it verified: the edit only touched JSON whitespace or non-canonical base64 bits, never the signed content

@@ -19,6 +19,8 @@ class Engine:
     """Holds the loaded plugins and the registry of what they offer."""
 
     def __init__(self, loader):
+        """The components ``loader``'s plugins offer; a plugin that fails to register (a clash
+        included) is one of ``failures``, not an error, unless it was given in code or strict mode is on."""
         self._loader = loader
         self.registry = Registry()
         for component in loader.collect(self._make_component):
@@ -31,7 +33,16 @@ class Engine:
         if not callable(factory):
             raise PluginError(f"{kind} '{name}': factory must be callable, got {type(factory).__name__}")
         summary = next(iter(str(description or "").strip().splitlines()), "")
-        return Component(kind, name, factory, info.name, info.version, summary, option_schema(kind, name, factory))
+        return Component(
+            kind,
+            name,
+            factory,
+            info.name,
+            info.version,
+            summary,
+            option_schema(kind, name, factory),
+            distribution=info.distribution,
+        )
 
     @classmethod
     def from_plugins(cls, plugins=None, *, entry_points: bool = True) -> Engine:
@@ -126,7 +137,7 @@ class Engine:
             "fusion", config.fusion.name, "fusion", in_dims, config.num_classes, **config.fusion.options
         )
         model.components = [
-            {"kind": c.kind, "name": c.name, "plugin": c.plugin, "version": c.version}
+            {"kind": c.kind, "name": c.name, "plugin": c.plugin, "version": c.version, "distribution": c.distribution}
             for c in self._used_components(config)
         ]
         return model

@@ -10,6 +10,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict
 
 from fusion_engine.artifacts.safe_files import member_path
+from fusion_engine.core.registry import KINDS
 from fusion_engine.errors import ArtifactError, validation_message
 
 SCHEMA_VERSION = 1
@@ -27,11 +28,15 @@ class BranchRecord(BaseModel):
 
 
 class ComponentRecord(BaseModel):
+    """A component the model uses and who offered it: the plugin, its version and the installed
+    distribution that provided the plugin (None: a plugin given in code, or a manifest older than the field)."""
+
     model_config = ConfigDict(extra="forbid")
-    kind: str
+    kind: Literal[KINDS]  # an unknown kind is a schema error, never a KeyError in the registry
     name: str
     plugin: str
     version: str | None = None
+    distribution: str | None = None
 
 
 class ModuleShape(BaseModel):
@@ -74,19 +79,40 @@ class Manifest(BaseModel):
     created: str = ""
 
 
-def read_manifest(folder) -> tuple[Manifest, bytes]:
-    """Parse and validate ``folder``'s manifest; ArtifactError on any problem. Returns it and its raw bytes."""
+def read_manifest_bytes(folder) -> bytes:
+    """The bytes of ``folder``'s manifest, read once. Whoever checks them (signature) must parse these same
+    bytes with :func:`parse_manifest`, never read the file again: it may have been replaced in between."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder} is not a saved model folder (it does not exist or is not a folder)")
     path = member_path(folder, MANIFEST_FILE)
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {MANIFEST_FILE}: not a fusion-engine model folder")
-    raw = path.read_bytes()
     try:
-        return Manifest.model_validate_json(raw), raw
+        return path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+
+
+def parse_manifest(raw: bytes, where) -> Manifest:
+    """Validate the manifest bytes ``raw`` read from ``where``; ArtifactError naming every problem."""
+    try:
+        return Manifest.model_validate_json(raw)
     except pydantic.ValidationError as exc:
-        problems = validation_message(exc, noun="field")
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":  # its input is the whole file: name the problem only
+            problems = f"not JSON: {errors[0]['msg'].removeprefix('Invalid JSON: ')}"
+        else:
+            problems = validation_message(exc, noun="field")
         raise ArtifactError(
-            f"{path} is not a valid fusion-engine manifest (schema {SCHEMA_VERSION}): {problems}"
+            f"{where} is not a valid fusion-engine manifest (schema {SCHEMA_VERSION}): {problems}"
         ) from None
+    except RecursionError:  # JSON nested deeper than the parser goes
+        raise ArtifactError(f"{where} is not a valid fusion-engine manifest: nested too deeply") from None
+
+
+def read_manifest(folder) -> tuple[Manifest, bytes]:
+    """Parse and validate ``folder``'s manifest; ArtifactError on any problem. Returns it and the raw bytes
+    it was parsed from (one read: hash or verify these bytes, not the file)."""
+    raw = read_manifest_bytes(folder)
+    return parse_manifest(raw, Path(folder) / MANIFEST_FILE), raw

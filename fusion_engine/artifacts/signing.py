@@ -65,10 +65,15 @@ def _read_manifest(folder: Path) -> bytes:
         raise ArtifactError(f"cannot read {folder / MANIFEST_FILE}: {e}") from None
 
 
-def sign_manifest(folder, private_key_path) -> str:
-    """Sign ``folder/manifest.json`` into ``folder/manifest.sig``; return the key's fingerprint."""
+def sign_manifest(folder, private_key_path, manifest: bytes | None = None) -> str:
+    """Sign ``folder/manifest.json`` into ``folder/manifest.sig``; return the key's fingerprint.
+
+    ``manifest``: the manifest's bytes as the caller wrote or checked them; they are what gets signed
+    (without it the file is read once here, and whatever it holds then is signed).
+    """
     key = _load_key(private_key_path, "private", Ed25519PrivateKey)
-    manifest = _read_manifest(Path(folder))
+    if manifest is None:
+        manifest = _read_manifest(Path(folder))
     record = {
         "algorithm": "ed25519",
         "public_key_fingerprint": fingerprint(key.public_key()),
@@ -94,15 +99,20 @@ def _read_signature(path: Path) -> tuple[str, bytes, str]:
     return fields[0], fields[1], fields[2]
 
 
-def verify_manifest(folder, public_key_path) -> str:
-    """Check ``folder/manifest.sig`` against ``folder/manifest.json`` and a public key; return the key fingerprint."""
+def verify_manifest(folder, public_key_path, manifest: bytes) -> str:
+    """Check ``folder/manifest.sig`` against ``manifest`` and a public key; return the key's fingerprint.
+
+    ``manifest`` is the bytes of ``folder/manifest.json`` that the caller read once and will parse: the
+    file is never read here, so replacing it after the check cannot get an edited manifest trusted.
+    """
+    if not isinstance(manifest, bytes):
+        raise TypeError("verify_manifest needs the manifest's bytes as read by the caller (read_manifest_bytes)")
     folder = Path(folder)
     key = _load_key(public_key_path, "public", Ed25519PublicKey)
     expected = fingerprint(key)
     signed_by, signature, manifest_sha256 = _read_signature(folder / SIGNATURE_FILE)
     if signed_by != expected:
         raise ArtifactError(f"artifact is signed by another key (fingerprint {signed_by}), expected {expected}")
-    manifest = _read_manifest(folder)
     if hashlib.sha256(manifest).hexdigest() != manifest_sha256:
         raise ArtifactError(
             f"{MANIFEST_FILE} changed after signing, or {SIGNATURE_FILE} was copied from another artifact"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+from fusion_engine.api.engine import load
 from fusion_engine.artifacts.compression import METHODS, accuracy, compress, folder_bytes
+from fusion_engine.artifacts.manifest import read_manifest
 from fusion_engine.artifacts.store import save
-from fusion_engine.cli.common import add_key_options, encryption_key, load_run_dir, logger
+from fusion_engine.cli.common import add_key_options, encryption_key, logger
 from fusion_engine.core.data import load_dataset, stratified_split
 from fusion_engine.errors import ConfigError
 
@@ -48,7 +50,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     """``fusion-engine compress RUN_DIR --out DIR --method ...``"""
     log = logger(args.json)
-    source = load_run_dir(args)
+    # --key-file decrypts an encrypted RUN_DIR; for a plaintext one it only encrypts the output (--encrypt)
+    source_encrypted = read_manifest(args.run_dir)[0].encrypted
+    source = load(
+        args.run_dir, public_key=args.public_key, encryption_key=encryption_key(args) if source_encrypted else None
+    )
     encrypted = source.manifest.encrypted or args.encrypt
     key = encryption_key(args, required=True) if encrypted else None
     methods = [m.strip() for chunk in args.method for m in chunk.split(",") if m.strip()]

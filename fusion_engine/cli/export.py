@@ -31,6 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="max abs probability difference allowed")
     add_key_options(p)
     p.add_argument(
+        "--sign-key",
+        metavar="PRIVATE_KEY",
+        help="sign the exported file with this Ed25519 private key into FILE.onnx.sig "
+        "(checked by `predict FILE.onnx --runtime onnx --public-key`)",
+    )
+    p.add_argument(
         "--allow-plaintext", action="store_true", help="export an encrypted model (the ONNX file is not encrypted)"
     )
     p.add_argument("--json", action="store_true")
@@ -57,6 +63,7 @@ def run(args) -> int:
         check_count=args.check_images,
         tolerance=args.tolerance,
         source={"run_dir": str(args.run_dir), "files": manifest.files},
+        signing_key=args.sign_key,
     )
     if args.json:
         print(json.dumps(result))
@@ -67,4 +74,6 @@ def run(args) -> int:
             f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:g}), top-1 agreement "
             f"{result['top1_agreement']:.3f}"
         )
+        if "signature" in result:
+            print(f"signed {result['signature']} (key fingerprint {result['signed_by']})")
     return 0

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    """Plugins, their components, and plugins that failed to load."""
+    """Plugins, their components, and plugins that failed to load (a failure is listed, not an
+    error: exit 0, unless FUSION_ENGINE_STRICT_PLUGINS=1 made it a PluginError)."""
     engine = make_engine()
     components = engine.components(args.kind)
     if args.json:
@@ -40,6 +41,7 @@ def run(args) -> int:
                             "name": c.name,
                             "plugin": c.plugin,
                             "version": c.version,
+                            "distribution": c.distribution,
                             "description": c.description,
                             "options": c.describe_options(),
                         }

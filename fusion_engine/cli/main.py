@@ -14,7 +14,7 @@ import fusion_engine.cli.listing as listing
 import fusion_engine.cli.new_plugin as new_plugin
 import fusion_engine.cli.predict as predict
 import fusion_engine.cli.train as train
-from fusion_engine.errors import FusionEngineError
+from fusion_engine.errors import FusionEngineError, printable
 
 COMMANDS = (listing, train, evaluate, predict, keys, compress, export, bench, new_plugin)
 
@@ -36,5 +36,5 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except FusionEngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import fusion_engine.training.distributed as distributed
+from fusion_engine.artifacts.atomic import recover
 from fusion_engine.cli.common import (
     apply_weights_dir,
     encryption_key,
@@ -71,15 +72,38 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_out(out: str, checkpoint: str | None = None) -> None:
+    """ConfigError when --out (or the fine-tuning checkpoint folder beside it) cannot be written as a folder:
+    a file, a symbolic link, or a file where a parent folder should be. Checked before any data is loaded."""
+    path = Path(out)
+    if path.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link; RUN_DIR must be a folder (new or an earlier RUN_DIR)")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file; RUN_DIR must be a folder (new or an earlier RUN_DIR)")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder; choose another RUN_DIR")
+    if checkpoint and (Path(checkpoint).is_symlink() or (Path(checkpoint).exists() and not Path(checkpoint).is_dir())):
+        raise ConfigError(
+            f"{checkpoint}, where fine-tuning keeps its checkpoint beside --out, is not a folder; move it away "
+            "or choose another --out"
+        )
+
+
 def run(args) -> int:
     """Train a fused model, evaluate it beside its baselines on held-out data, save RUN_DIR."""
+    checkpoint = str(Path(args.out)) + ".checkpoint"  # beside RUN_DIR, never inside it (--out runs/x/)
+    check_out(args.out, checkpoint if args.mode == "finetune" and not args.search else None)  # before any work
     if args.search:
         return run_search(args)
-    checkpoint = str(Path(args.out)) + ".checkpoint"  # beside RUN_DIR, never inside it (--out runs/x/)
     if args.resume and args.mode != "finetune":
         raise ConfigError("--resume continues an interrupted --mode finetune run; add --mode finetune")
-    if args.resume and not os.path.isfile(os.path.join(checkpoint, "state.json")):  # fail before any work
-        raise ConfigError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
+    if args.resume:  # fail before any work; a checkpoint save killed between its renames is put back first
+        recover(checkpoint)
+        if not os.path.isfile(os.path.join(checkpoint, "state.json")):
+            raise ConfigError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
     if args.nproc > 1 and not distributed.launched():
         return distributed.launch(args.nproc, without_option(args.argv, "--nproc"))
     distributed.init()

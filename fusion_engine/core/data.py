@@ -328,20 +328,38 @@ def _as_uint8(t: torch.Tensor, what: str) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.mul(255).round_().to(torch.uint8)
 
 
+MAX_CLASSES = 100_000
+"""The most classes a dataset may have (ImageNet-21k has 21,841). Labels are checked against it, and
+against the number of images, before anything sized by them (the class list, the model's head) is built."""
+
+
 def _labels(y, n: int, classes: list[str] | None, what: str) -> tuple[np.ndarray, list[str]]:
-    """Validate labels against ``n`` images and the class list; infer "0".."K-1" names if none given."""
+    """Validate labels against ``n`` images and the class list; infer "0".."K-1" names if none given.
+
+    Every label lies in 0..K-1 with K at most :data:`MAX_CLASSES`; without class names K is the largest
+    label + 1 and may not exceed the number of images either (a class list then costs no more memory
+    than the images themselves; name the classes to have more classes than images).
+    """
     y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
     if y.ndim != 1:
         raise DataError(f"{what}: labels y have shape {y.shape}; expected one integer label per image, shape ({n},)")
     if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
-        y = y.astype(np.int64)
+        y = _checked_range(y, what).astype(np.int64)
     if y.dtype.kind not in "iu":
         raise DataError(f"{what}: labels y have dtype {y.dtype}; expected integer class indices 0..K-1")
     if len(y) != n:
         raise DataError(f"{what}: x has {n} images but y has {len(y)} labels; they must have the same length")
-    y = y.astype(np.int64)
+    y = _checked_range(y, what).astype(np.int64)
+    _check_class_count(classes, what)
     if classes is None:
-        classes = [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
+        count = int(y.max()) + 1 if len(y) else 0
+        if count > n:
+            raise DataError(
+                f"{what}: label {count - 1} would make {count} classes for {n} images; without class names the "
+                "labels must be 0..K-1 with K at most the number of images. Fix the label, or name the classes "
+                "(a 'classes' array in the .npz, or classes=[...])"
+            )
+        classes = [str(i) for i in range(count)]
     bad = y[(y < 0) | (y >= len(classes))]
     if len(bad):
         raise DataError(
@@ -350,9 +368,35 @@ def _labels(y, n: int, classes: list[str] | None, what: str) -> tuple[np.ndarray
     return y, list(classes)
 
 
-def _from_arrays(x, y, classes, name: str) -> ArrayImageDataset:
-    images = _as_uint8(_as_nchw(x, f"{name}: images x"), f"{name}: images x")
-    targets, classes = _labels(y, len(images), classes, name)
+def _check_class_count(classes, what: str) -> None:
+    if classes is not None and len(classes) > MAX_CLASSES:
+        raise DataError(
+            f"{what}: {len(classes)} class names; at most {MAX_CLASSES:,} classes are supported. Check the class list"
+        )
+
+
+def _checked_range(y: np.ndarray, what: str) -> np.ndarray:
+    """``y`` when every label lies in 0..MAX_CLASSES-1 (checked in its own dtype, before any cast could wrap)."""
+    if len(y):
+        lo, hi = y.min(), y.max()
+        bad = lo if lo < 0 else hi if hi >= MAX_CLASSES else None
+        if bad is not None:
+            shown = int(bad) if y.dtype.kind in "iu" else float(bad)
+            raise DataError(
+                f"{what}: label {shown} is out of range; labels are class indices 0..K-1 with K at most "
+                f"{MAX_CLASSES:,}. Fix the labels"
+            )
+    return y
+
+
+def _from_arrays(x, y, classes, name: str, what: str | None = None) -> ArrayImageDataset:
+    """``what`` names the source in error messages (default: ``name``, e.g. a file's full path for .npz)."""
+    what = what or name
+    _check_class_count(classes, what)  # these two before the images are converted (copied)
+    if isinstance(y, np.ndarray) and y.ndim == 1 and y.dtype.kind in "iuf":
+        _checked_range(y, what)
+    images = _as_uint8(_as_nchw(x, f"{what}: images x"), f"{what}: images x")
+    targets, classes = _labels(y, len(images), classes, what)
     return ArrayImageDataset(images, targets, classes, name)
 
 
@@ -398,14 +442,20 @@ def _load_npz(path: Path, split: str, classes) -> ArrayImageDataset:
                 )
             x, y = d[xk], d[yk]
             if classes is None and "classes" in keys:
-                classes = [str(c) for c in d["classes"]]
+                names = d["classes"]
+                if names.ndim != 1 or len(names) > MAX_CLASSES:
+                    raise DataError(
+                        f"{path}: 'classes' has shape {names.shape}; expected one name per class, at most "
+                        f"{MAX_CLASSES:,}"
+                    )
+                classes = [str(c) for c in names]
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(
             f"cannot read {path} as an .npz of arrays: {e}. Save it with numpy.savez (string class names, no objects)."
         ) from e
-    return _from_arrays(x, y, classes, name)
+    return _from_arrays(x, y, classes, name, f"{path}" + ("" if xk == "x" else f" ({xk}, {yk})"))
 
 
 def _load_folder(root: Path, classes) -> FolderImageDataset:
@@ -477,9 +527,16 @@ def _from_torch_dataset(ds, classes) -> ArrayImageDataset:
             )
         try:
             labels.append(int(label))
-        except (TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise DataError(f"{what}: label {label!r} is not an integer class index") from e
+        if not 0 <= labels[-1] < MAX_CLASSES:
+            raise DataError(
+                f"{what}: label {labels[-1]} is out of range; labels are class indices 0..K-1 with K at most "
+                f"{MAX_CLASSES:,}. Fix the labels"
+            )
     if classes is None and isinstance(getattr(ds, "classes", None), (list, tuple)):
+        if len(ds.classes) > MAX_CLASSES:
+            raise DataError(f"{name}: {len(ds.classes)} classes; at most {MAX_CLASSES:,} classes are supported")
         classes = [str(c) for c in ds.classes]
     targets, classes = _labels(np.array(labels, dtype=np.int64), n, classes, name)
     if len({tuple(t.shape) for t in images}) == 1:

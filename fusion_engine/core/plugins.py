@@ -1,8 +1,12 @@
 """Plugin discovery: built-ins, installed entry points, extra and given plugins, each loaded on its own.
 
-A plugin that fails to import or to register is kept as a failure (shown by
-``fusion-engine list``) instead of taking the engine down, unless
-``FUSION_ENGINE_STRICT_PLUGINS=1``. Environment variables:
+A plugin that fails in any way is kept as a failure (shown by ``fusion-engine list``) instead of
+taking the engine down, unless ``FUSION_ENGINE_STRICT_PLUGINS=1``: it fails to import, calls
+``sys.exit()`` (SystemExit is caught like any error; only KeyboardInterrupt goes through), has an
+unknown hook, raises in a hook, registers something invalid, or registers a component name that an
+earlier plugin holds (the earlier one keeps it, and a built-in always keeps its names; every
+component of the failed plugin is withdrawn). An installed entry point named like a built-in is
+refused the same way: a built-in cannot be replaced. Environment variables:
 
 - ``FUSION_ENGINE_LOAD_PLUGINS``: comma-separated allow-list of entry-point plugins
   (empty string: built-ins only).
@@ -66,8 +70,20 @@ def strict_mode() -> bool:
     return os.environ.get("FUSION_ENGINE_STRICT_PLUGINS", "").strip().lower() in ("1", "true", "yes")
 
 
+# Errors that end the process on purpose and are never a plugin failure.
+_NOT_ISOLATED = (KeyboardInterrupt, GeneratorExit)
+
+
 def _is_builtin(ep) -> bool:
-    return bool(ep.dist) and ep.dist.name.replace("_", "-").lower() == OWN_DISTRIBUTION
+    """One of fusion-engine's own entry points: of this distribution, pointing into ``fusion_engine.builtins``."""
+    own = bool(ep.dist) and ep.dist.name.replace("_", "-").lower() == OWN_DISTRIBUTION
+    return own and ep.value.split(":")[0].strip().startswith("fusion_engine.builtins.")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the plugin called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _version_of(plugin) -> str | None:
@@ -94,8 +110,11 @@ class PluginLoader:
         self.strict = strict_mode()
 
     def _fail(self, name, version, distribution, exc: BaseException, raise_now: bool = False):
-        message = f"{type(exc).__name__}: {exc}"
-        failure = PluginFailure(name, version, distribution, message, traceback.format_exc())
+        """Record ``exc`` as the failure of plugin ``name``; raise PluginError instead when ``raise_now``
+        (a plugin given to the call) or in strict mode."""
+        message = _describe(exc)
+        details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc.__traceback__ else ""
+        failure = PluginFailure(name, version, distribution, message, details)
         if raise_now or self.strict:
             raise PluginError(
                 f"Error loading plugin '{name}'"
@@ -111,7 +130,9 @@ class PluginLoader:
         try:
             self.manager.register(plugin, name=name)
             self.manager.check_pending()
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, _NOT_ISOLATED):
+                raise
             if self.manager.has_plugin(name):
                 self.manager.unregister(name=name)
             self._fail(name, info.version, info.distribution, exc, raise_now=info.source == "given")
@@ -121,8 +142,10 @@ class PluginLoader:
 
     def load_entry_points(self, allowed: list[str] | None, disabled: set[str], *, third_party: bool = True):
         """The built-ins (fusion-engine's own entry points) first, then, with ``third_party``, every
-        other installed plugin allowed by ``allowed``; a plugin named like a built-in is a failure."""
+        other installed plugin allowed by ``allowed``. An entry point named like a built-in (loaded or
+        not) or like a plugin already loaded is a failure and is not imported."""
         points = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
+        builtin_names = {ep.name for ep in points if _is_builtin(ep)}
         for ep in points:
             dist = ep.dist.name if ep.dist else None
             version = ep.dist.version if ep.dist else None
@@ -131,7 +154,18 @@ class PluginLoader:
                 continue
             if not builtin and allowed is not None and ep.name not in allowed and dist not in allowed:
                 continue
-            if not builtin and self.manager.has_plugin(ep.name):
+            if not builtin and ep.name in builtin_names:
+                self._fail(
+                    ep.name,
+                    version,
+                    dist,
+                    PluginError(
+                        f"its entry point '{ep.name}' has the name of fusion-engine's built-in plugin '{ep.name}', "
+                        "which cannot be replaced; rename the entry point"
+                    ),
+                )
+                continue
+            if self.manager.has_plugin(ep.name):
                 self._fail(
                     ep.name,
                     version,
@@ -143,7 +177,9 @@ class PluginLoader:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:
+            except BaseException as exc:
+                if isinstance(exc, _NOT_ISOLATED):
+                    raise
                 self._fail(ep.name, version, dist, exc)
                 continue
             self.add(plugin, ep.name, PluginInfo(ep.name, version, "built-in" if builtin else "entry point", dist))
@@ -153,7 +189,9 @@ class PluginLoader:
             if isinstance(plugin, str):
                 try:
                     plugin = importlib.import_module(plugin)
-                except Exception as exc:
+                except BaseException as exc:
+                    if isinstance(exc, _NOT_ISOLATED):
+                        raise
                     self._fail(plugin, None, None, exc, raise_now=True)
             name = getattr(plugin, "__name__", None) or type(plugin).__name__
             if name in disabled:
@@ -165,17 +203,20 @@ class PluginLoader:
             self.add(plugin, name, PluginInfo(name, _version_of(plugin), "given"))
 
     def collect(self, make_component) -> list:
-        """Call every registration hook, plugin by plugin; return the components they offer.
+        """Call every registration hook, plugin by plugin in load order; return the components kept.
 
-        ``make_component(kind, name, factory, description, info)`` builds one component. A
-        plugin whose hook raises (or registers something invalid) is recorded as a failure
-        and none of its components are kept.
+        ``make_component(kind, name, factory, description, info)`` builds one component (an object
+        with ``kind`` and ``name``). A plugin whose hook raises (SystemExit included), registers
+        something invalid, or registers a name already kept from an earlier plugin (or twice) is
+        recorded as a failure and none of its components are kept; the earlier plugin keeps the
+        name, so a built-in (loaded first) always keeps its own.
         """
         impls: dict[str, list] = {}
         for kind, hook_name in HOOKS.items():
             for impl in reversed(getattr(self.manager.hook, hook_name).get_hookimpls()):
                 impls.setdefault(impl.plugin_name, []).append((kind, impl))
         components = []
+        owners: dict[tuple[str, str], PluginInfo] = {}  # (kind, name) -> the plugin that keeps it
         for info in list(self.infos):
             offered = []
             try:
@@ -185,13 +226,40 @@ class PluginLoader:
                         offered.append(make_component(_kind, name, factory, description, info))  # noqa: B023 (called now)
 
                     impl.function(register=register)
-            except Exception as exc:
+                self._check_names(info, offered, owners)
+            except BaseException as exc:
+                if isinstance(exc, _NOT_ISOLATED):
+                    raise
                 self._fail(info.name, info.version, info.distribution, exc, raise_now=info.source == "given")
                 self.manager.unregister(name=info.name)
                 self.infos.remove(info)
                 continue
+            for component in offered:
+                owners[(component.kind, component.name)] = info
             components.extend(offered)
         return components
+
+    @staticmethod
+    def _check_names(info: PluginInfo, offered: list, owners: dict) -> None:
+        """PluginError when ``info``'s components take a name already kept, or one name twice."""
+        seen = set()
+        for component in offered:
+            key = (component.kind, component.name)
+            what = f"{component.kind} '{component.name}'"
+            owner = owners.get(key)
+            if owner is not None and owner.source == "built-in":
+                raise PluginError(
+                    f"{what} is a built-in of plugin '{owner.name}' and plugin '{info.name}' cannot replace it; "
+                    "rename the component"
+                )
+            if owner is not None:
+                raise PluginError(
+                    f"{what} is registered by both plugin '{owner.name}' and plugin '{info.name}' (the first keeps "
+                    "it); disable one with FUSION_ENGINE_DISABLE_PLUGINS or rename it"
+                )
+            if key in seen:
+                raise PluginError(f"{what} is registered twice by plugin '{info.name}'; register each name once")
+            seen.add(key)
 
     def info(self, name: str) -> PluginInfo | None:
         return next((i for i in self.infos if i.name == name), None)

@@ -55,6 +55,7 @@ class Component:
     version: str | None
     description: str = ""
     options: type[pydantic.BaseModel] = field(default=None, repr=False)
+    distribution: str | None = None  # the installed distribution of the plugin (None: a plugin given in code)
 
     def validate_options(self, options: dict, where: str) -> dict:
         """Check ``options`` against the schema; return them with defaults filled in."""
@@ -75,7 +76,10 @@ class Component:
 
 
 class Registry:
-    """Components by kind and name; registering a taken name is an error naming both plugins."""
+    """Components by kind and name; registering a taken name is an error naming both plugins.
+
+    The engine fills it with what ``PluginLoader.collect`` kept, which has already turned a clash
+    into the later plugin's failure, so ``add`` raising here means a bug, not a bad plugin."""
 
     def __init__(self):
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}

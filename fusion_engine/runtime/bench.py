@@ -16,6 +16,7 @@ import torch
 from fusion_engine.core.data import align_classes, load_dataset
 from fusion_engine.core.loader import make_loader
 from fusion_engine.core.network import input_size_for
+from fusion_engine.errors import printable
 from fusion_engine.runtime.runtimes import make_runner
 
 
@@ -65,7 +66,8 @@ def benchmark(
     """One result dict per runtime, each measured in a fresh spawned process.
 
     ``load_model`` is a picklable callable that returns the model in that process, for example
-    ``functools.partial(fusion_engine.load, RUN_DIR)``.
+    ``functools.partial(fusion_engine.load, RUN_DIR, public_key=..., encryption_key=...)``: each process
+    loads, and so checks, RUN_DIR itself. A runtime that fails is a result with an ``error`` ("Type: message").
     """
     threads = threads or torch.get_num_threads()
     context = multiprocessing.get_context("spawn")
@@ -91,7 +93,7 @@ def format_results(results: list[dict]) -> str:
     notes = []
     for r in results:
         if "error" in r:
-            lines.append(f"{r['runtime']:<20}failed: {r['error']}")
+            lines.append(f"{r['runtime']:<20}failed: {printable(r['error'])}")
             continue
         acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
         speed = f" ({r['images_per_second'] / base['images_per_second']:.2f}x)" if base else ""

@@ -16,11 +16,19 @@ Export writes to a temporary file, compares the ONNX model's probabilities with 
 images (max abs diff <= 1e-4 by default) and only then moves it into place; otherwise it raises
 ExportError and leaves nothing behind. ``onnx``, ``onnxruntime`` and ``onnxscript`` are the
 optional extra ``fusion-engine[onnx]``.
+
+Signed files: ``export_onnx(..., signing_key=PRIVATE)`` (``fusion-engine export --sign-key``) writes
+``FILE.onnx.sig`` beside the file: an Ed25519 signature (the key format of ``artifacts/signing.py``)
+over a small JSON naming the file's sha256 and size. ``verify_onnx(FILE, PUBLIC)`` reads the .onnx
+bytes once, checks the signature, then those bytes' digest, and returns exactly those bytes, which
+``onnx_session`` hands to onnxruntime (nothing is read from the path twice).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -30,10 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
 
+from fusion_engine.artifacts.atomic import atomic_write_text
 from fusion_engine.artifacts.compression import steps
-from fusion_engine.errors import ExportError
+from fusion_engine.artifacts.signing import _load_key, fingerprint
+from fusion_engine.errors import ArtifactError, ExportError
 from fusion_engine.version import __version__
 
 OPSET = 18
@@ -41,6 +53,10 @@ TOLERANCE = 1e-4
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
 META_PREFIX = "fusion_engine."
+SIGNATURE_SUFFIX = ".sig"  # FILE.onnx -> FILE.onnx.sig
+SIGNED_FORMAT = "fusion-engine-onnx-v1"
+ONNX_DOMAIN = b"fusion-engine-onnx-v1\n"  # a manifest signature (another domain) never verifies here
+MAX_SIGNATURE_BYTES = 64 * 1024
 
 
 def _require(*modules: str) -> None:
@@ -107,14 +123,106 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def onnx_session(path):
-    """An onnxruntime CPU session for the ONNX file at ``path`` (ExportError when onnxruntime is missing)."""
+    """An onnxruntime CPU session for the ONNX file at ``path``, or for the model bytes ``path`` (as
+    ``verify_onnx`` returns them); ExportError when onnxruntime is missing."""
     _require("onnxruntime")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = bytes(path) if isinstance(path, (bytes, bytearray)) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def signature_path(path) -> Path:
+    """Where the signature of the ONNX file ``path`` lives: ``FILE.onnx.sig`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + SIGNATURE_SUFFIX)
+
+
+def _signed_payload(data: bytes) -> bytes:
+    """The JSON that is signed: the file's sha256 and size (not its name: a renamed file still verifies)."""
+    payload = {"format": SIGNED_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return json.dumps(payload, sort_keys=True).encode("utf-8")
+
+
+def _signature_record(data: bytes, key: Ed25519PrivateKey) -> str:
+    payload = _signed_payload(data)
+    record = {
+        "algorithm": "ed25519",
+        "public_key_fingerprint": fingerprint(key.public_key()),
+        "signed": payload.decode("utf-8"),
+        "signature": base64.b64encode(key.sign(ONNX_DOMAIN + payload)).decode("ascii"),
+    }
+    return json.dumps(record, indent=2) + "\n"
+
+
+def sign_onnx(path, private_key_path) -> str:
+    """Sign the ONNX file at ``path`` into ``FILE.onnx.sig``; return the key's fingerprint."""
+    key = _load_key(private_key_path, "private", Ed25519PrivateKey)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+    record = _signature_record(data, key)
+    atomic_write_text(signature_path(path), record)
+    return json.loads(record)["public_key_fingerprint"]
+
+
+def _unsigned_message(path, sig: Path) -> str:
+    return (
+        f"{path} is not signed: {sig} is missing; export it with "
+        f"`fusion-engine export RUN_DIR --out {Path(path).name} --sign-key PRIVATE_KEY` "
+        "(or sign the file with fusion_engine.runtime.export.sign_onnx)"
+    )
+
+
+def _read_onnx_signature(path, sig: Path) -> tuple[str, str, bytes]:
+    """(fingerprint, signed payload, signature) from ``FILE.onnx.sig``, or an ArtifactError."""
+    try:
+        with open(sig, "rb") as f:
+            raw = f.read(MAX_SIGNATURE_BYTES + 1)
+        if len(raw) > MAX_SIGNATURE_BYTES:
+            raise ValueError(f"larger than {MAX_SIGNATURE_BYTES} bytes")
+        record = json.loads(raw)
+        fields = [record["public_key_fingerprint"], record["signed"], record["signature"]]
+        if record["algorithm"] != "ed25519" or not all(isinstance(f, str) for f in fields):
+            raise ValueError("unexpected algorithm or field type")
+        signature = base64.b64decode(fields[2], validate=True)
+    except FileNotFoundError:
+        raise ArtifactError(_unsigned_message(path, sig)) from None
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
+        raise ArtifactError(f"signature file {sig} is malformed: {type(e).__name__}: {e}") from None
+    return fields[0], fields[1], signature
+
+
+def verify_onnx(path, public_key_path) -> bytes:
+    """The bytes of the ONNX file at ``path``, read once and returned only when ``FILE.onnx.sig`` is a
+    valid signature by ``public_key_path``'s key over exactly these bytes' sha256; else ArtifactError."""
+    key = _load_key(public_key_path, "public", Ed25519PublicKey)
+    expected = fingerprint(key)
+    sig = signature_path(path)
+    signed_by, payload, signature = _read_onnx_signature(path, sig)
+    if signed_by != expected:
+        raise ArtifactError(f"{path} is signed by another key (fingerprint {signed_by}), expected {expected}")
+    try:
+        key.verify(signature, ONNX_DOMAIN + payload.encode("utf-8"))
+    except InvalidSignature:
+        raise ArtifactError(f"{sig} is invalid: not made by this key for this file") from None
+    try:
+        signed = json.loads(payload)
+        if signed["format"] != SIGNED_FORMAT or not isinstance(signed["sha256"], str):
+            raise ValueError(f"unexpected format {signed['format']!r}")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"signature file {sig} is malformed: {type(e).__name__}: {e}") from None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+    if hashlib.sha256(data).hexdigest() != signed["sha256"]:
+        raise ArtifactError(f"{path} changed after signing, or {sig.name} was made for another file")
+    return data
 
 
 def parity(model, path, images: torch.Tensor, batch_size: int = 32) -> dict:
@@ -196,12 +304,16 @@ def export_onnx(
     tolerance: float = TOLERANCE,
     opset: int = OPSET,
     source: dict | None = None,
+    signing_key=None,
 ) -> dict:
     """Export ``model`` to ``out`` (.onnx) and check it against torch on real images; returns the check's numbers.
 
     Nothing is written at ``out`` unless the check passes (max abs probability difference <= ``tolerance``).
+    With ``signing_key`` (an Ed25519 private key file) the checked bytes are signed into ``out.sig``;
+    without one, a ``out.sig`` left from an earlier export of ``out`` is removed (it names other bytes).
     """
     _require("onnx", "onnxruntime", "onnxscript")
+    key = _load_key(signing_key, "private", Ed25519PrivateKey) if signing_key else None  # fails before the export
     out = Path(out)
     model = model.eval()
     contract = input_contract(model, input_size)
@@ -221,10 +333,17 @@ def export_onnx(
                 f"> {tolerance:g} on {check['images']} images from {check_data} (top-1 agreement "
                 f"{check['top1_agreement']:.3f}); the ONNX file was not written"
             )
+        record = _signature_record(tmp.read_bytes(), key) if key else None
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"path": str(out), "input": contract, **check}
+    signed = {}
+    if record:
+        atomic_write_text(signature_path(out), record)
+        signed = {"signature": str(signature_path(out)), "signed_by": json.loads(record)["public_key_fingerprint"]}
+    else:
+        signature_path(out).unlink(missing_ok=True)
+    return {"path": str(out), "input": contract, **check, **signed}
 
 
 def session_for(model, input_size=None):
@@ -298,4 +417,15 @@ def decode_metadata(meta: dict, path) -> dict:
     return out
 
 
-__all__ = ["export_onnx", "write_onnx", "session_for", "onnx_runner", "parity", "read_metadata", "input_contract"]
+__all__ = [
+    "export_onnx",
+    "write_onnx",
+    "session_for",
+    "onnx_runner",
+    "parity",
+    "read_metadata",
+    "input_contract",
+    "sign_onnx",
+    "verify_onnx",
+    "signature_path",
+]

@@ -1,4 +1,5 @@
-"""Batch prediction over image files and folders, streamed through a DataLoader, with torch or onnxruntime."""
+"""Batch prediction over image files and folders, streamed through a DataLoader, with torch or onnxruntime;
+``format_predictions`` (names escaped with ``errors.printable``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,23 @@ from torch import nn
 
 from fusion_engine.core.data import IMAGE_EXTENSIONS, FolderImageDataset, collate_images
 from fusion_engine.core.network import input_size_for
-from fusion_engine.errors import DataError, ExportError
-from fusion_engine.runtime.export import INPUT_NAME, decode_metadata, onnx_session, session_for, to_channels
+from fusion_engine.errors import DataError, ExportError, printable
+from fusion_engine.runtime.export import (
+    INPUT_NAME,
+    decode_metadata,
+    onnx_session,
+    session_for,
+    to_channels,
+    verify_onnx,
+)
+
+
+def format_predictions(results: list[dict]) -> str:
+    """``predict``'s text output: one line per image, ``IMAGE: class probability, ...`` (names escaped)."""
+    return "\n".join(
+        printable(r["image"]) + ": " + ", ".join(f"{printable(p['class'])} {p['probability']:.3f}" for p in r["top"])
+        for r in results
+    )
 
 
 def image_files(paths) -> list[Path]:
@@ -69,16 +85,21 @@ def predict_files(model, paths, *, top_k: int = 3, batch_size: int = 64, workers
     )
 
 
-def predict_onnx_files(path, paths, *, top_k: int = 3, batch_size: int = 64, workers: int = 0) -> list[dict]:
+def predict_onnx_files(
+    path, paths, *, top_k: int = 3, batch_size: int = 64, workers: int = 0, public_key=None
+) -> list[dict]:
     """``predict`` with onnxruntime: top-k classes per image file, images resized to the graph's input size.
 
-    ``path`` is an .onnx file written by ``export_onnx``, or a loaded model (exported in memory).
+    ``path`` is an .onnx file written by ``export_onnx``, or a loaded model (exported in memory). With
+    ``public_key`` the file must carry a valid ``FILE.onnx.sig`` by that key (``verify_onnx``), and
+    onnxruntime gets exactly the bytes that were checked; else ArtifactError.
     """
     if isinstance(path, nn.Module):
         session = session_for(path)
     else:
+        source = verify_onnx(path, public_key) if public_key else path
         try:
-            session = onnx_session(path)
+            session = onnx_session(source)
         except ExportError:
             raise
         except Exception as e:  # onnxruntime reports unreadable or invalid files in its own exception types

@@ -48,7 +48,8 @@ def fit_baselines(baselines: Baselines, train_feats, y, val_feats, y_val, train_
 
 
 def handcrafted_for(dataset, cache, kinds=HANDCRAFTED_KINDS, batch_size: int = 256) -> np.ndarray:
-    """Handcrafted features of a dataset (N, D), through the feature cache."""
+    """Handcrafted features of a dataset (N, D), through the feature cache (checked on every read,
+    like the branches' features; a non-finite value is a DataError naming the handcrafted features)."""
     key = hashlib.sha256(f"handcrafted-v1|{','.join(kinds)}|{dataset.digest()}".encode()).hexdigest()[:32]
 
     def fill(_, buffers):
@@ -60,4 +61,5 @@ def handcrafted_for(dataset, cache, kinds=HANDCRAFTED_KINDS, batch_size: int = 2
             buffers[0][row : row + len(images)] = handcrafted_features(images, kinds=kinds)
             row += len(images)
 
-    return cache.arrays([key], [(len(dataset), handcrafted_dim(kinds))], fill)[0]
+    name = f"the handcrafted features ({', '.join(kinds)})"
+    return cache.arrays([key], [(len(dataset), handcrafted_dim(kinds))], fill, [name])[0]

@@ -1,6 +1,13 @@
 """Fine-tuning: unfreeze all or the last N stages, timm augmentation and mixup/cutmix, separate
 learning rates for backbones and head, gradient clipping, an atomic checkpoint every epoch,
-and ``resume`` that continues exactly where an interrupted run stopped."""
+and ``resume`` that continues exactly where an interrupted run stopped.
+
+A checkpoint records what identifies its run (``state.json`` key ``"run"``, see :func:`run_identity`):
+the fused-model config, the branch names, the class names, the training data and validation split,
+and every training option except :data:`RESUME_MAY_CHANGE`. ``resume`` compares them with the run
+being resumed and refuses any difference with a ConfigError listing each one ("seed: checkpoint 0,
+now 1"); a missing or damaged checkpoint file is an ArtifactError naming the file.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
 import fusion_engine.training.distributed as distributed
-from fusion_engine.artifacts.atomic import atomic_directory
+from fusion_engine.artifacts.atomic import atomic_directory, recover
 from fusion_engine.artifacts.encryption import decrypt_tensors, encrypt_tensors, is_encrypted
 from fusion_engine.artifacts.manifest import MODEL_FILE
 from fusion_engine.artifacts.safe_files import parse_safetensors
@@ -21,7 +28,7 @@ from fusion_engine.artifacts.tensors import state_tensors
 from fusion_engine.core.data import collate_images
 from fusion_engine.core.network import input_size_for
 from fusion_engine.core.progress import Progress
-from fusion_engine.errors import ConfigError
+from fusion_engine.errors import ArtifactError, ConfigError, FusionEngineError
 from fusion_engine.runtime.runtimes import autocast
 from fusion_engine.training.config import seed_everything
 
@@ -105,19 +112,90 @@ def accuracy(model, dataset, config, device) -> float:
     return correct / max(total, 1)
 
 
+# Options that may differ on resume: where and how fast it runs, and what happens after fine-tuning
+# (frozen-mode extraction and head batches, the baselines). Every other option shapes the weights
+# (the cosine schedule spans ``epochs``; ``patience`` decides when it stops) and must match.
+RESUME_MAY_CHANGE = frozenset({"device", "num_workers", "head_batch_size", "extract_runtime", "baselines"})
+
+
+def run_identity(model, train_ds, val_ds, config) -> dict:
+    """What a resumed run must share with its checkpoint (stored in ``state.json`` as ``"run"``)."""
+    options = config.model_dump(mode="json")
+    return {
+        **{k: v for k, v in options.items() if k not in RESUME_MAY_CHANGE},
+        "branches": [branch.name for branch in model.branches],
+        "classes": list(model.class_names or []),
+        "config": model.config.model_dump(mode="json"),
+        "training data": f"{len(train_ds)} images, digest {train_ds.digest()[:16]}",
+        "validation data": f"{len(val_ds)} images, digest {val_ds.digest()[:16]}",
+    }
+
+
+_ABSENT = object()
+
+
+def _short(value, limit: int = 120) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _differences(before, now, where: str = "") -> list[str]:
+    """'KEY: checkpoint X, now Y' for each leaf that differs (dicts and equal-length lists descended into)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for key in [*before, *(k for k in now if k not in before)]:
+            name = f"{where}.{key}" if where else str(key)
+            out += _differences(before.get(key, _ABSENT), now.get(key, _ABSENT), name)
+        return out
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now) and where != "branches":
+        return [d for i, (a, b) in enumerate(zip(before, now)) for d in _differences(a, b, f"{where}[{i}]")]
+    return [] if before == now else [f"{where}: checkpoint {_short(before)}, now {_short(now)}"]
+
+
+def check_identity(folder: Path, recorded, identity: dict) -> None:
+    """ConfigError listing every difference between the checkpoint's run and this one."""
+    if not isinstance(recorded, dict):
+        raise ConfigError(
+            f"--resume: the checkpoint at {folder} does not record which run wrote it (an older fusion-engine "
+            "made it); start without --resume"
+        )
+    differences = _differences(recorded, identity)
+    if differences:
+        raise ConfigError(
+            f"--resume: the checkpoint at {folder} was written by a different run: {'; '.join(differences)}. "
+            "Resume with the same config, data and options, or start without --resume (its checkpoint is then "
+            "replaced)"
+        )
+
+
 def _write_tensors(path: Path, tensors: dict, key: bytes | None) -> None:
     """safetensors, encrypted (AES-256-GCM) when the run has an encryption key."""
     data = encrypt_tensors(tensors, key, path.name) if key else safetensors_bytes(tensors)
     path.write_bytes(data)
 
 
+def _damaged(path: Path, problem) -> ArtifactError:
+    return ArtifactError(
+        f"checkpoint file {path} is missing or damaged ({problem}); start without --resume (the run begins "
+        "again and writes a new checkpoint)"
+    )
+
+
 def _read_tensors(path: Path, key: bytes | None) -> dict:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _damaged(path, e.strerror or e) from None
     if is_encrypted(data):
         if key is None:
             raise ConfigError(f"checkpoint {path} is encrypted: pass the run's --key-file (or FUSION_ENGINE_KEY)")
         return decrypt_tensors(data, key, path.name)
-    return parse_safetensors(data, path)
+    try:
+        return parse_safetensors(data, path)
+    except FusionEngineError as e:
+        raise _damaged(path, e) from None
 
 
 def _save_checkpoint(folder, model, optimizer, scheduler, state: dict, best_state, key: bytes | None = None) -> None:
@@ -137,18 +215,67 @@ def _save_checkpoint(folder, model, optimizer, scheduler, state: dict, best_stat
         )
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, key: bytes | None = None) -> tuple[dict, dict]:
-    state = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(_read_tensors(folder / MODEL_FILE, key), strict=True)
+def _read_state(folder: Path) -> dict:
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _damaged(path, e.strerror or e) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _damaged(path, f"not JSON: {e}") from None
+    required = {
+        "epoch": int,
+        "best": (int, float),
+        "stale": int,
+        "epochs": list,
+        "param_groups": list,
+        "scheduler": dict,
+    }
+    for name, kind in required.items():
+        if not isinstance(state.get(name) if isinstance(state, dict) else None, kind):
+            raise _damaged(path, f"no valid {name!r}")
+    return state
+
+
+def _load_checkpoint(
+    folder: Path, model, optimizer, scheduler, key: bytes | None = None, identity: dict | None = None
+) -> tuple[dict, dict]:
+    """Restore model, optimizer and scheduler from ``folder``; returns (state, best weights).
+
+    With ``identity`` (see :func:`run_identity`) the checkpoint must have been written by the same run."""
+    state = _read_state(folder)
+    recorded = state.pop("run", None)
+    if identity is not None:
+        check_identity(folder, recorded, identity)
+    weights = _read_tensors(folder / MODEL_FILE, key)
+    optimizer_tensors = _read_tensors(folder / "optimizer.safetensors", key)
+    best = _read_tensors(folder / "best.safetensors", key)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, tensors in ((MODEL_FILE, weights), ("best.safetensors", best)):
+        found = {k: tuple(t.shape) for k, t in tensors.items()}
+        if found != expected:
+            odd = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+            raise _damaged(folder / name, f"its tensors do not fit this model, e.g. {odd[0]!r}")
+    model.load_state_dict(weights, strict=True)
     opt_state: dict = {}
-    for name, value in _read_tensors(folder / "optimizer.safetensors", key).items():
-        if name == "_empty":
-            continue
-        index, tensor_name = name.split(".", 1)
-        opt_state.setdefault(int(index), {})[tensor_name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
-    scheduler.load_state_dict(state.pop("scheduler"))
-    return state, _read_tensors(folder / "best.safetensors", key)
+    try:
+        for name, value in optimizer_tensors.items():
+            if name == "_empty":
+                continue
+            index, tensor_name = name.split(".", 1)
+            opt_state.setdefault(int(index), {})[tensor_name] = value
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, tensors in opt_state.items():
+            for tensor_name, value in tensors.items():
+                if not 0 <= index < len(params) or (value.ndim and value.shape != params[index].shape):
+                    raise ValueError(f"{index}.{tensor_name} has shape {tuple(value.shape)}")
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+        scheduler.load_state_dict(state.pop("scheduler"))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise _damaged(folder / "optimizer.safetensors", f"it does not fit this run's optimizer: {e}") from None
+    if recorded is not None:
+        state["run"] = recorded
+    return state, best
 
 
 def finetune(
@@ -195,13 +322,16 @@ def finetune(
         trainer = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index or 0] if device.type == "cuda" else None
         )
-    state = {"epoch": 0, "best": -1.0, "stale": 0, "epochs": []}
-    best_state = state_tensors(model)
     folder = Path(checkpoint_dir) if checkpoint_dir else None
+    identity = run_identity(model, train_ds, val_ds, config) if folder is not None else None
+    state = {"epoch": 0, "best": -1.0, "stale": 0, "epochs": [], "run": identity}
+    best_state = state_tensors(model)
     if resume:
+        if folder is not None:
+            recover(folder)  # a checkpoint save killed between its renames is put back first
         if folder is None or not (folder / "state.json").is_file():
             raise ConfigError(f"--resume: no checkpoint at {folder}; start without --resume")
-        state, best_state = _load_checkpoint(folder, model, optimizer, scheduler, encryption_key)
+        state, best_state = _load_checkpoint(folder, model, optimizer, scheduler, encryption_key, identity)
         log(f"resuming after epoch {state['epoch']} from {folder}")
     while state["epoch"] < config.epochs and state["stale"] < config.patience:
         epoch = state["epoch"]

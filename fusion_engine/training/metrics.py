@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusion_engine.errors import printable
+
 
 def classification_metrics(y_true, y_pred, class_names) -> dict:
     """Accuracy, macro-F1, per-class accuracy and the confusion matrix."""
@@ -24,13 +26,17 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
 
 
 def format_report(report: dict) -> str:
-    """The side-by-side table: fused model, each branch alone, handcrafted baseline, per class."""
+    """The side-by-side table: fused model, each branch alone, handcrafted baseline, per class.
+
+    Branch and class names come from folders or a manifest: they are printed escaped (``printable``)."""
     rows = [("fused model", report["accuracy"], report["macro_f1"])]
     rows += [
-        (f"branch {name} (probe)", m["accuracy"], m["macro_f1"]) for name, m in report.get("branch_metrics", {}).items()
+        (f"branch {printable(name)} (probe)", m["accuracy"], m["macro_f1"])
+        for name, m in report.get("branch_metrics", {}).items()
     ]
     rows += [
-        (f"baseline {name}", m["accuracy"], m["macro_f1"]) for name, m in report.get("baseline_metrics", {}).items()
+        (f"baseline {printable(name)}", m["accuracy"], m["macro_f1"])
+        for name, m in report.get("baseline_metrics", {}).items()
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'model':<{width}}  accuracy  macro-F1   (n={report['n']})"]
@@ -44,6 +50,9 @@ def format_report(report: dict) -> str:
         )
     lines.append(
         "per-class accuracy: "
-        + ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=n/a" for k, v in report["per_class"].items())
+        + ", ".join(
+            f"{printable(k)}={v:.3f}" if v is not None else f"{printable(k)}=n/a"
+            for k, v in report["per_class"].items()
+        )
     )
     return "\n".join(lines)

@@ -252,9 +252,13 @@ def test_cli_train_and_evaluate(tmp_path):
         "-q",
     )
     manifest = json.loads((run / "manifest.json").read_text())
-    assert {"kind": "backbone", "name": "handcrafted", "plugin": "handcrafted", "version": "0.1.0"} in manifest[
-        "components"
-    ]
+    assert {
+        "kind": "backbone",
+        "name": "handcrafted",
+        "plugin": "handcrafted",
+        "version": "0.1.0",
+        "distribution": "fusion-engine-handcrafted",
+    } in manifest["components"]
     report = json.loads(call("evaluate", str(run), "--data", "digits", "--json", "--cache-dir", str(cache), "-q"))
     assert report["n"] == 1797 and set(report["branches"]) == {"handcrafted", "timm:test_resnet"}
     assert report["branches"]["handcrafted"] > 0.9
