@@ -9,7 +9,9 @@ from fusion_engine.errors import (
     DataError,
     ExportError,
     FusionEngineError,
+    NotFittedError,
     PluginError,
+    RandomInitWarning,
     WeightsError,
 )
 from fusion_engine.hookspecs import hookimpl
@@ -28,6 +30,8 @@ __all__ = [
     "DataError",
     "ArtifactError",
     "WeightsError",
+    "RandomInitWarning",
     "ExportError",
+    "NotFittedError",
     "__version__",
 ]

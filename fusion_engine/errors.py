@@ -40,6 +40,20 @@ class ExportError(FusionEngineError):
     """A model cannot be exported, or the exported model does not reproduce the original."""
 
 
+class NotFittedError(FusionEngineError, ValueError, AttributeError):
+    """A model was asked to predict before it was trained (``fit``) or loaded from a RUN_DIR.
+
+    A ValueError and an AttributeError, as scikit-learn's ``sklearn.exceptions.NotFittedError`` is
+    (not a subclass of it: importing scikit-learn here would slow every import of fusion-engine).
+    """
+
+
+class RandomInitWarning(UserWarning):
+    """Branches of a built model are randomly initialised because no pretrained weights could be had
+    (``Engine.build`` names them all in one warning; ``"pretrained": false`` asks for random weights
+    on purpose and is not warned about)."""
+
+
 def suggest(name: str, valid) -> str:
     """' (did you mean X?)' when a close match exists, else ''."""
     match = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)

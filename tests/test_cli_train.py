@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 from fusion_engine.cli.main import main
 
 CONFIG = {
-    "backbones": [
-        {"name": "timm", "model": "test_resnet", "input_size": 32},
-        {"name": "timm", "model": "test_efficientnet", "input_size": 32},
+    "backbones": [  # tiny models, random on purpose
+        {"name": "timm", "model": "test_resnet", "input_size": 32, "pretrained": False},
+        {"name": "timm", "model": "test_efficientnet", "input_size": 32, "pretrained": False},
     ],
     "fusion": "concat",
 }
@@ -138,6 +138,13 @@ def test_train_json_is_one_object_with_fused_branches_and_baselines(trained):
     assert (trained["run"] / "manifest.json").is_file() and (trained["run"] / "model.safetensors").is_file()
     assert not Path(str(trained["run"]) + ".checkpoint").exists()
     assert "Traceback" not in trained["stderr"]
+    timing = result["timing"]  # every phase of the run, adding up to its wall time
+    assert list(timing["phases"]) == [
+        "setup", "data", "extraction", "head", "baselines", "evaluation", "saving", "report", "other"
+    ]  # fmt: skip
+    assert sum(timing["phases"].values()) == pytest.approx(timing["seconds"], abs=0.001 * len(timing["phases"]))
+    assert timing["phases"]["head"] == result["history"]["phase_seconds"]["head"]
+    assert not re.search(r"^(extracting|head training|baselines)", trained["stderr"], re.M)  # -q: no progress
 
 
 def test_evaluate_json_matches_the_training_report(ws, trained):
@@ -147,6 +154,40 @@ def test_evaluate_json_matches_the_training_report(ws, trained):
     assert set(REPORT_KEYS) <= set(report)
     for key in REPORT_KEYS:
         assert report[key] == trained["result"][key], key
+
+
+def test_no_baselines_prints_one_line_per_phase_and_a_summary_that_adds_up(ws, trained, capsys):
+    args = [a for a in train_args(ws, ws / "run-nb", "--no-baselines") if a != "-q"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    # stderr is not a terminal here: each phase's progress is one line at its end; the features are cached,
+    # so nothing is extracted but the held-out images at evaluation
+    progress = [line for line in captured.err.splitlines() if re.match(r"^[^:]+: \d+/\d+ \w+ in ", line)]
+    assert progress == [
+        line for line in progress if line.startswith(("head training: 3/3 epoch", "extracting timm:test_resnet"))
+    ]
+    assert sum(line.startswith("head training") for line in progress) == 1
+    assert "baseline handcrafted" not in captured.out and "(probe)" not in captured.out  # the fused model only
+    summary = captured.out[captured.out.index("wall time") :].splitlines()
+    total = float(re.match(r"wall time ([\d.]+) s:", summary[0])[1])
+    phases = {
+        m[1].strip(): float(m[2]) for m in (re.match(r"^  (.+?)\s+([\d.]+) s\s+[\d.]+%$", x) for x in summary[1:]) if m
+    }
+    assert list(phases) == [
+        "setup (plugins, config, model)",
+        "data loading",
+        "feature extraction",
+        "head training",
+        "evaluation (held-out)",
+        "saving RUN_DIR",
+        "HTML report",
+        "other",
+    ]
+    assert sum(phases.values()) == pytest.approx(total, abs=0.05 * (len(phases) + 1))  # one decimal each
+    assert summary[-1] == f"saved to {ws / 'run-nb'}"
+    manifest = json.loads((ws / "run-nb" / "manifest.json").read_text())
+    assert not any(k.startswith("baselines.") for k in load_file(ws / "run-nb" / "model.safetensors"))
+    assert manifest["history"]["config"]["baselines"] is False
 
 
 def test_second_run_reads_the_feature_cache_and_trains_the_same_model(ws, trained, capsys):
@@ -532,3 +573,73 @@ def test_a_failure_mid_training_leaves_the_run_dir_and_cache_clean(ws, trained, 
     assert snapshot(out) == before
     assert not leftovers(tmp_path) and list(cache.glob("*.npy"))  # complete cache entries only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "existing", "train"]
+
+
+# --- honest defaults and CLI polish ------------------------------------------------------------------
+
+
+def test_random_branches_are_named_in_one_warning_before_training(ws, trained, tmp_path, capsys):
+    assert "warning" not in trained["stderr"]  # "pretrained": false: random on purpose, nothing to warn about
+    default = {**CONFIG, "backbones": [{k: v for k, v in b.items() if k != "pretrained"} for b in CONFIG["backbones"]]}
+    (tmp_path / "default.json").write_text(json.dumps(default))
+    args = train_args(ws, tmp_path / "run", "--json", "--epochs", "1")
+    args[args.index("--config") + 1] = str(tmp_path / "default.json")
+    assert main(args) == 0
+    lines = capsys.readouterr().err.splitlines()  # --json: every log line on stderr, in order
+    warned = [i for i, line in enumerate(lines) if line.startswith("warning: ")]
+    assert len(warned) == 1, lines
+    line = lines[warned[0]]
+    assert line.startswith("warning: 2 of 2 branches RANDOMLY INITIALISED") and f"{', '.join(BRANCHES)}." in line
+    assert not any("RandomInitWarning" in line for line in lines)  # our one line, not Python's file:line form
+    backbones = next(i for i, line in enumerate(lines) if line.startswith("backbones: "))
+    assert backbones < warned[0] < len(lines) - 1  # after the config is read, before training and its report
+
+
+def test_unknown_flag_gets_a_close_match_and_the_commands_short_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--fusoin", "concat"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == [
+        "usage: fusion-engine train [options]",
+        "error: unrecognized argument --fusoin (did you mean '--fusion'?)",
+    ]
+    assert len(lines) == 3 and "fusion-engine train -h" in lines[2]
+
+
+def test_invalid_choice_is_short_and_names_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--mode", "frozn"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "usage: fusion-engine train [options]" and len(lines) == 3
+    assert re.fullmatch(
+        r"error: argument --mode: invalid choice: 'frozn' \(choose from '?frozen'?, '?finetune'?\) "
+        r"\(did you mean 'frozen'\?\)",
+        lines[1],
+    )
+    with pytest.raises(SystemExit):
+        main(["evaluate"])  # required arguments: the short usage names them
+    assert capsys.readouterr().err.splitlines()[0] == "usage: fusion-engine evaluate RUN_DIR --data DATA [options]"
+
+
+def test_config_is_validated_before_the_data_is_loaded(ws, tmp_path, capsys, monkeypatch):
+    import fusion_engine.cli.train as train_command
+
+    monkeypatch.setattr(train_command, "load_train_test", lambda *a: pytest.fail("data loaded before the config"))
+    (tmp_path / "typo.json").write_text(json.dumps({**CONFIG, "fusion": "concatt"}))
+    args = train_args(ws, tmp_path / "run")
+    args[args.index("--config") + 1] = str(tmp_path / "typo.json")
+    assert main(args) == 2
+    assert re.search(r"^error: .*'concatt' \(did you mean 'concat'\?\)", capsys.readouterr().err, re.MULTILINE)
+    assert not (tmp_path / "run").exists()
+
+
+def test_num_classes_of_the_config_is_not_silently_overridden(ws, tmp_path, capsys):
+    (tmp_path / "two.json").write_text(json.dumps({**CONFIG, "num_classes": 2}))
+    args = train_args(ws, tmp_path / "run")
+    args[args.index("--config") + 1] = str(tmp_path / "two.json")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: the config says num_classes: 2, but the data has 4 classes" in err
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
 """Tests of fusion_engine.core.data: every source kind, digests, bad-data errors, splits, collation."""
 
 import functools
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image
 
 from fusion_engine.core.data import (
     MAX_CLASSES,
+    SAMPLES,
     ImageDataset,
     collate_images,
     load_dataset,
@@ -390,3 +392,30 @@ def test_to_float_images_layouts():
             to_float_images(bad)
     with pytest.raises(DataError, match=r"\[0, 1\]"):
         to_float_images(np.full((1, 3, 4), -0.5))
+
+
+# --- the sample photos shipped with the package -----------------------------------------------------------
+
+
+def test_shipped_sample_photos_load_with_their_documented_classes_and_counts():
+    train, test = load_dataset("cifar10-sample"), load_dataset("cifar10-sample", split="test")
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert train.classes == classes and test.classes == classes
+    assert np.bincount(train.targets).tolist() == [200] * 10 and np.bincount(test.targets).tolist() == [100] * 10
+    assert tuple(train[0][0].shape) == (3, 32, 32)
+    readme = (SAMPLES["cifar10-sample"].parent / "README.md").read_text()
+    digest = hashlib.sha256(SAMPLES["cifar10-sample"].read_bytes()).hexdigest()
+    assert f"`{digest}`" in readme and "Krizhevsky" in readme
+
+
+def test_shipped_sample_train_and_test_parts_share_no_image():
+    with np.load(SAMPLES["cifar10-sample"], allow_pickle=False) as d:
+        train = {hashlib.sha256(x.tobytes()).hexdigest() for x in d["x_train"]}
+        test = {hashlib.sha256(x.tobytes()).hexdigest() for x in d["x_test"]}
+        assert not set(d["source_index_train"].tolist()) & set(d["source_index_test"].tolist())
+    assert len(test) == 1000 and not train & test
+
+
+def test_an_unknown_dataset_name_suggests_the_shipped_ones():
+    with pytest.raises(DataError, match=r"unknown dataset source 'cifar10-sampel' \(did you mean 'cifar10-sample'\?\)"):
+        load_dataset("cifar10-sampel")

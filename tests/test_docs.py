@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import re
 import types
 from pathlib import Path
@@ -80,7 +81,7 @@ def test_the_example_plugin_works(docs):
     assert component.describe_options() == {"dropout": "float = 0.0"}
     model = engine.build(
         {
-            "backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32}],
+            "backbones": [{"name": "timm", "model": "test_resnet", "input_size": 32, "pretrained": False}],
             "fusion": {"name": "maxout", "dropout": 0.1},
             "num_classes": 3,
         }
@@ -88,15 +89,17 @@ def test_the_example_plugin_works(docs):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
 
-# --- the tutorial: its code blocks run, in order, in an empty folder ----------------------------------
+# --- the tutorial: its code blocks run, in order, in an empty folder, as a user runs them -------------
 #
 # Fenced blocks whose info string has the word "tutorial" (```python tutorial) belong to it:
-#   ```python tutorial                 run (one namespace for all blocks, like a notebook)
-#   ```python tutorial file=PATH       written to PATH (relative to the folder)
+#   ```python tutorial                 run (one namespace for all blocks, like a notebook, named __main__)
+#   ```LANG tutorial file=PATH         written to PATH (relative to the folder)
 #   ```toml tutorial excerpt=PATH      must appear in PATH as it is at that point
-#   ```text tutorial output            each line must appear in what the previous block printed
-#   ```text tutorial list              each line (but "...") must appear in `fusion-engine list fusion`
-#                                      once the tutorial's package is installed
+#   ```text tutorial output            each line must be a line the previous block printed; "..." in a line
+#                                      stands for any text (what varies from run to run)
+#   ```text tutorial list              step 4: the package is pip-installed here, as a user installs it, and
+#                                      each line (but "...") must appear in `fusion-engine list fusion`;
+#                                      every block after it runs with the package installed
 # Blocks may be indented (inside list items); the indentation is removed.
 
 TUTORIAL_BLOCK = re.compile(
@@ -128,12 +131,25 @@ def tutorial_blocks(text: str) -> list[dict]:
     return blocks
 
 
+def printed_as_documented(documented: str, printed: str) -> bool:
+    """Whether ``printed`` has a line equal to ``documented``, where "..." in it stands for any text."""
+    pattern = ".*".join(re.escape(part) for part in documented.strip().split("..."))
+    return any(re.fullmatch(pattern, line.strip()) for line in printed.splitlines())
+
+
+def test_output_lines_match_whole_lines_with_ellipses():
+    assert printed_as_documented("accuracy: ...", "x\naccuracy: 0.93\n")
+    assert not printed_as_documented("accuracy:", "accuracy: 0.93")  # a whole line, not a part of one
+    assert printed_as_documented("<__main__.Typo object at 0x...>", "<__main__.Typo object at 0x7f00>")
+
+
 def test_the_tutorial_is_marked_for_testing(docs):
     blocks = tutorial_blocks(docs)
     run = [b for b in blocks if b["lang"] == "python" and not b["attrs"]]
     written = [b["attrs"]["file"] for b in blocks if "file" in b["attrs"]]
     assert len(run) >= 6, "the tutorial's python blocks must be marked ```python tutorial so that they are tested"
     assert "fusion-engine-geomean/fusion_engine_geomean/fusion.py" in written
+    assert "fused.json" in written, "fused.json is used by the tutorial's CLI example: show it"
     assert any("list" in b["flags"] for b in blocks) and any("output" in b["flags"] for b in blocks)
     unmarked = re.findall(
         r"^[ \t]*```python[ \t]*\n(?:(?!```).)*?Engine\.from_plugins\(\[fusion_engine_geomean", docs, flags=re.M | re.S
@@ -150,17 +166,38 @@ def test_the_tutorial_is_marked_for_testing(docs):
         assert variable in docs.split("## When a plugin breaks", 1)[1]
 
 
+def install(package: Path, site: Path, env: dict) -> None:
+    """``pip install PACKAGE`` (into a folder, not this environment)."""
+    import subprocess
+    import sys
+
+    isolation = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation, "--target", str(site), str(package)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_the_tutorial_runs_installs_lists_and_passes_its_tests(docs, tmp_path, monkeypatch, subprocess_env):
     import contextlib
     import io
     import subprocess
     import sys
+    import warnings
+
+    from fusion_engine.errors import RandomInitWarning
 
     monkeypatch.chdir(tmp_path)
     saved_path, saved_modules = list(sys.path), set(sys.modules)
-    namespace: dict = {"__name__": "__tutorial__"}
-    printed, listing = "", []
+    namespace: dict = {"__name__": "__main__"}
+    printed, listed = "", False
+    package, site = tmp_path / "fusion-engine-geomean", tmp_path / "site"
+    env = {**subprocess_env, "PYTHONPATH": str(site)}
     try:
         for block in tutorial_blocks(docs):
             where = f"docs/plugins.md:{block['line']} ({block['lang']} tutorial {' '.join(block['flags'])})"
@@ -173,40 +210,54 @@ def test_the_tutorial_runs_installs_lists_and_passes_its_tests(docs, tmp_path, m
                 assert block["code"].strip() in text, f"{where}: not found in {block['attrs']['excerpt']}:\n{text}"
             elif block["lang"] == "python":
                 out = io.StringIO()
-                with contextlib.redirect_stdout(out):
+                with contextlib.redirect_stdout(out), warnings.catch_warnings():
+                    warnings.simplefilter("error", RandomInitWarning)  # the tutorial asks for what it builds
                     exec(compile(block["code"], where, "exec"), namespace)
                 printed = out.getvalue()
             elif "output" in block["flags"]:
                 for line in block["code"].strip().splitlines():
-                    assert line.strip() in printed, f"{where}: {line.strip()!r} was not printed; got:\n{printed}"
+                    assert printed_as_documented(line, printed), (
+                        f"{where}: {line.strip()!r} not printed; got:\n{printed}"
+                    )
             elif "list" in block["flags"]:
-                listing += [line.rstrip() for line in block["code"].splitlines() if line.strip() not in ("", "...")]
+                # step 4 for real: install, list; the rest of the tutorial runs with the package installed
+                install(package, site, subprocess_env)
+                sys.path.insert(0, str(site))
+                importlib.invalidate_caches()
+                result = subprocess.run(
+                    [sys.executable, "-m", "fusion_engine", "list", "fusion"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert result.returncode == 0, result.stderr
+                lines = result.stdout.splitlines()
+                expected = [line.rstrip() for line in block["code"].splitlines() if line.strip() not in ("", "...")]
+                for line in expected:
+                    assert line in lines, (
+                        f"{where}: `fusion-engine list fusion` does not show {line!r}:\n{result.stdout}"
+                    )
+                listed = True
     finally:
         sys.path[:] = saved_path
         for name in set(sys.modules) - saved_modules:
             if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
                 del sys.modules[name]
-    package = tmp_path / "fusion-engine-geomean"
-    assert listing and package.is_dir()
-    # step 4 for real: install (into a folder, not this environment) and list
-    site = tmp_path / "site"
-    isolation = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
+    assert listed and package.is_dir()
+    # fused.json, as shown: the installed engine accepts it, and `train --config fused.json` gets past the config
+    # (validated before any data is read) to the data
+    config = json.loads((tmp_path / "fused.json").read_text())
+    assert config["fusion"]["name"] == "geomean"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation, "--target", str(site), str(package)],
-        env=subprocess_env,
+        [sys.executable, "-m", "fusion_engine", "train", "--config", "fused.json", "--data", "photos/"],
+        cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    env = {**subprocess_env, "PYTHONPATH": str(site)}
-    result = subprocess.run(
-        [sys.executable, "-m", "fusion_engine", "list", "fusion"], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    for line in listing:
-        assert line in lines, f"`fusion-engine list fusion` does not show {line!r}:\n{result.stdout}"
+    assert result.returncode == 2 and "photos" in result.stderr and "geomean" not in result.stderr, result.stderr
     # step 5: the package's tests (the generated ones and the tutorial's test_listing.py) pass unchanged
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package)],

@@ -176,7 +176,9 @@ def test_stacking_fits_beats_chance_and_stays_a_tensor_module(engine):
 @pytest.fixture
 def small_model(engine):
     torch.manual_seed(0)
-    return engine.build({"backbones": [RESNET, {**VIT, "extractor": "token"}], "fusion": "concat", "num_classes": 5})
+    model = engine.build({"backbones": [RESNET, {**VIT, "extractor": "token"}], "fusion": "concat", "num_classes": 5})
+    model.fitted = True  # untrained weights, but predict's input handling is what these tests check
+    return model
 
 
 def test_predict_proba_accepts_uint8_grey_and_float_inputs(small_model):

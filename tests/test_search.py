@@ -398,3 +398,74 @@ def test_rank_agreement_reports_disagreement():
     assert verdict["agree"] is False and "a (" in verdict["discordant"][0] and "NOT" in verdict["statement"]
     rows[1]["held_out"] = 0.805  # swapped, but within held-out noise
     assert rank_agreement(rows, n_test=2000)["agree"] is True
+
+
+def summary_of(rows: list[dict], winner: int, n_test: int | None = None) -> str:
+    """SearchResult.summary() of hand-made leaderboard rows (only what the summary reads)."""
+    defaults = {"cv_std": 0.01, "held_out": None, "feature_width": 1, "images_per_second": None, "parameters": 1}
+    rows = [{**defaults, **row, "cv_folds": [row["cv_mean"] + d for d in (-0.01, 0.0, 0.01)]} for row in rows]
+    result = SearchResult(
+        rows=rows,
+        winner=rows[winner],
+        steps=[],
+        stopped="every candidate used",
+        skipped=[],
+        fusions={},
+        timing={"extract_seconds": 1.0, "search_seconds": 2.0},
+        class_names=["a", "b"],
+        candidates=[],
+        parts=[],
+        searcher=None,
+        engine=None,
+        config=SearchConfig(),
+        train_config=None,
+        cache=None,
+        device=torch.device("cpu"),
+    )
+    if n_test is not None:
+        result._test = [None] * n_test
+    return result.summary()
+
+
+BASELINE = "handcrafted: HOG + colour histogram + logistic regression"
+
+
+def test_summary_says_when_the_handcrafted_baseline_beats_the_fused_winner():
+    rows = [
+        {"candidate": "concat [a + b]", "kind": "fused", "cv_mean": 0.80, "held_out": 0.78},
+        {"candidate": "concat [a]", "kind": "single", "cv_mean": 0.75, "held_out": 0.74},
+        {"candidate": BASELINE, "kind": "baseline", "cv_mean": 0.90, "held_out": 0.91},
+    ]
+    text = summary_of(rows, winner=0, n_test=1000)
+    assert f"NOTE: the handcrafted baseline beats the fused winner on CV: {BASELINE} 0.9000 against 0.8000" in text
+    assert "the handcrafted baseline beats the fused winner on held-out: " in text and "13.00 points more" in text
+    assert "a single backbone beats" not in text and "fusion won" not in text
+
+
+def test_summary_says_when_a_single_backbone_beats_the_fused_winner_on_held_out_data():
+    rows = [
+        {"candidate": "concat [a + b]", "kind": "fused", "cv_mean": 0.80, "held_out": 0.70},
+        {"candidate": "concat [a]", "kind": "single", "cv_mean": 0.79, "held_out": 0.705},
+        {"candidate": BASELINE, "kind": "baseline", "cv_mean": 0.50, "held_out": 0.50},
+    ]
+    text = summary_of(rows, winner=0, n_test=200)
+    line = next(line for line in text.splitlines() if "a single backbone beats the fused winner on held-out" in line)
+    assert "concat [a] 0.7050 against 0.7000" in line and "within the held-out noise" in line
+    assert "on CV" not in text
+
+
+def test_summary_says_when_fusion_won_and_when_a_single_backbone_won():
+    rows = [
+        {"candidate": "concat [a + b]", "kind": "fused", "cv_mean": 0.90, "held_out": 0.88},
+        {"candidate": "concat [a]", "kind": "single", "cv_mean": 0.80, "held_out": 0.79},
+        {"candidate": BASELINE, "kind": "baseline", "cv_mean": 0.70, "held_out": 0.70},
+    ]
+    text = summary_of(rows, winner=0, n_test=500)
+    assert (
+        "fusion won: the fused winner beats the handcrafted baseline and every single backbone on CV and held-out data"
+        in text
+    )
+    assert "NOTE" not in text
+    text = summary_of(rows, winner=1, n_test=500)  # a single backbone chosen (say, more backbones gained too little)
+    assert "fusion did not win: the winner is a single backbone; the best fused row, concat [a + b], " in text
+    assert "fusion won" not in text

@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from fusion_engine import ConfigError, Engine, WeightsError
+from fusion_engine.errors import RandomInitWarning
 
 MOBILENET = "mobilenetv2_100.tf1_quant_in1k"
 
@@ -260,3 +262,153 @@ def test_vit_tokens_and_prefix(engine):
     )
     assert backbone.num_prefix_tokens == 1
     assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, 5, 64)  # class token + 2x2 patches
+
+
+# --- honest defaults: pretrained when weights can be had, random init named in one warning ----------------
+
+
+def timm_branch(model="test_resnet", **options):
+    return {"name": "timm", "model": model, "input_size": 32, **options}
+
+
+def test_default_offline_falls_back_to_random_weights_and_names_every_random_branch(engine):
+    config = {
+        "backbones": [
+            timm_branch(),
+            timm_branch("test_efficientnet"),
+            timm_branch("test_convnext", pretrained=False),  # random on purpose: not named
+        ],
+        "num_classes": 2,
+    }
+    with pytest.warns(RandomInitWarning) as caught:
+        model = engine.build(config)
+    assert len(caught) == 1  # one line for the whole model
+    message = str(caught[0].message)
+    assert "\n" not in message and message.startswith("2 of 3 branches RANDOMLY INITIALISED")
+    assert "timm:test_resnet, timm:test_efficientnet." in message and "test_convnext" not in message
+    assert "hub cannot be reached" in message and '"pretrained": false' in message
+    assert caught[0].filename == __file__  # points at the caller's line
+    sources = [b.backbone.pretrained_source for b in model.branches]
+    assert sources == [None, None, None]
+    assert model.branches[0].backbone.random_init_reason and model.branches[2].backbone.random_init_reason is None
+
+
+def test_pretrained_false_is_random_on_purpose_without_a_warning(engine):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = engine.build({"backbones": [timm_branch(pretrained=False)], "num_classes": 2})
+    assert model.branches[0].backbone.pretrained_source is None
+
+
+def test_default_uses_the_weights_index(engine, shared_dir, mobilenet_file, monkeypatch):
+    """``"model": "mobilenetv2_100"`` with a weights folder: the indexed weights, with their kwargs and data config."""
+    monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(shared_dir / "weights"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomInitWarning)
+        model = engine.build({"backbones": ["timm:mobilenetv2_100", "timm:mobilenetv2_100"], "num_classes": 2})
+    backbone = model.branches[0].backbone
+    assert backbone.pretrained_source == f"index:{MOBILENET}"
+    assert backbone.data_config["mean"] == (0.5, 0.5, 0.5)
+    assert model.shared_backbone_groups() == [[0, 1]]  # the same fixed weights: one module
+    normalised = (torch.rand(1, 3, 224, 224) - 0.5) / 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.branches[0](normalised), reference_mobilenet(mobilenet_file)(normalised), atol=1e-5, rtol=0
+        )
+
+
+def test_random_branches_are_not_shared(engine):
+    model = engine.build({"backbones": [timm_branch(), timm_branch()], "num_classes": 2})
+    assert model.shared_backbone_groups() == []  # two random initialisations, not one
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A local Hugging Face cache holding ``timm/test_resnet.r160_in1k`` (weights of a seeded random model)."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    torch.manual_seed(123)
+    source = timm.create_model("test_resnet")  # with its classifier, as the hub stores it
+    snapshot = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, snapshot / "model.safetensors")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return source
+
+
+def test_default_uses_weights_in_the_local_hub_cache_offline(engine, hub_cache):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomInitWarning)
+        model = engine.build({"backbones": [timm_branch()], "num_classes": 2})
+    backbone = model.branches[0].backbone
+    assert backbone.pretrained_source == "hub cache:timm/test_resnet.r160_in1k"
+    expected = {k: v for k, v in hub_cache.state_dict().items() if not k.startswith("fc.")}
+    got = backbone.model.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert "state_dict" not in backbone.model.pretrained_cfg  # no second copy of the tensors kept
+    # explicit pretrained=True works offline from the cache too
+    explicit = engine.build({"backbones": [timm_branch(pretrained=True)], "num_classes": 2})
+    assert explicit.branches[0].backbone.pretrained_source == "hub cache:timm/test_resnet.r160_in1k"
+
+
+def test_a_failed_download_falls_back_only_for_the_default(engine, monkeypatch):
+    import timm
+
+    import fusion_engine.builtins.timm_backbones as timm_backbones
+
+    create = timm.create_model
+
+    def no_download(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("connection reset")
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(timm_backbones, "_hub_answers", lambda: True)
+    monkeypatch.setattr(timm, "create_model", no_download)
+    with pytest.warns(RandomInitWarning, match=r"downloading them failed \(OSError: connection reset\)"):
+        engine.build({"backbones": [timm_branch()], "num_classes": 2})
+    with pytest.raises(WeightsError, match="downloading pretrained weights for timm model 'test_resnet' failed"):
+        engine.build({"backbones": [timm_branch(pretrained=True)], "num_classes": 2})
+
+
+def test_a_saved_model_loads_without_fetching_or_warning(engine, tmp_path, monkeypatch):
+    import fusion_engine.builtins.timm_backbones as timm_backbones
+
+    model = engine.build({"backbones": [timm_branch()]}, class_names=["a", "b"])
+    model.save(tmp_path / "run")
+
+    def no_fetching(*args, **kwargs):
+        raise AssertionError("loading a saved model looked for pretrained weights")
+
+    monkeypatch.setattr(timm_backbones, "_indexed_weights_for", no_fetching)
+    monkeypatch.setattr(timm_backbones, "_hub_answers", no_fetching)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomInitWarning)
+        loaded = engine.load(tmp_path / "run")
+    assert loaded.class_names == ["a", "b"]
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), model.eval()(images))
+
+
+def test_num_classes_of_the_config_must_match_the_class_names(engine):
+    config = {"backbones": [timm_branch(pretrained=False)], "num_classes": 5}
+    with pytest.raises(ConfigError, match=r"the config says num_classes: 5, but the data has 10 classes"):
+        engine.build(config, class_names=[str(i) for i in range(10)])
+
+
+def test_class_count_mismatch_says_how_to_build_for_the_data(engine):
+    from fusion_engine import DataError
+
+    model = engine.build({"backbones": [timm_branch(pretrained=False)]}, num_classes=3)
+    with pytest.raises(DataError) as info:
+        model.fit("digits", epochs=1, progress=False, log=lambda *a, **k: None)
+    message = str(info.value)
+    assert "the data has 10 classes but the model was built for 3" in message
+    assert "class_names=['0', '1', '2', ..., '9']" in message and "num_classes=10" in message
+    assert "leave num_classes out" not in message

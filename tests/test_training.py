@@ -255,6 +255,125 @@ def test_evaluate_maps_classes_by_name_and_refuses_other_classes(engine, train_d
         )
 
 
+# --- progress, phase times, baselines ---------------------------------------------------------
+
+PHASE_LINE = r"^(?P<label>.+): (?P<count>\d+/\d+) (?P<unit>\w+) in \d+\.\d s \([^)]*\)(; .+)?$"
+
+
+def phase_lines(err: str) -> list[tuple[str, str, str]]:
+    """(label, count, unit) of every stderr line; each must be a phase's one end line."""
+    import re
+
+    out = []
+    for line in err.splitlines():
+        match = re.match(PHASE_LINE, line)
+        assert match, f"not a phase line: {line!r}"
+        out.append((match["label"], match["count"], match["unit"]))
+    return out
+
+
+def assert_phases_add_up(history: dict, expected: set[str]):
+    phases = history["phase_seconds"]
+    assert set(phases) == expected
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) == pytest.approx(history["seconds"], abs=0.001 * len(phases))  # rounding only
+
+
+def test_frozen_fit_shows_one_line_per_phase_and_its_phases_add_up(engine, train_data, tmp_path, capsys):
+    model = build(engine)
+    history = model.fit(train_data, cache_dir=tmp_path, epochs=3, progress=True, log=lambda *a, **k: None)
+    branches = "extracting timm:test_resnet, timm:test_efficientnet"
+    assert phase_lines(capsys.readouterr().err) == [
+        (branches, "170/170", "img"),  # training split, then validation split, both branches in one pass
+        (branches, "30/30", "img"),
+        ("handcrafted features (hog, color)", "170/170", "img"),
+        ("handcrafted features (hog, color)", "30/30", "img"),
+        ("head training", "3/3", "epoch"),
+        ("baselines (linear probes)", "3/3", "probe"),
+    ]
+    assert_phases_add_up(history, {"data", "extraction", "head", "baselines", "other"})
+    assert history["head_seconds"] == history["phase_seconds"]["head"]
+
+    # quiet: nothing on stderr; every feature cached now, no baselines: their phase is absent
+    history = build(engine).fit(train_data, cache_dir=tmp_path, epochs=3, baselines=False, **QUIET)
+    assert capsys.readouterr().err == ""
+    assert_phases_add_up(history, {"data", "extraction", "head", "other"})
+
+
+def test_finetune_shows_one_line_for_its_epochs(engine, tmp_path, capsys):
+    data = load_dataset(digits(64), classes=CLASSES)
+    history = build(engine).fit(
+        data, mode="finetune", epochs=1, batch_size=32, baselines=False, cache_dir=tmp_path, progress=True, log=print
+    )
+    captured = capsys.readouterr()
+    lines = phase_lines(captured.err)
+    assert lines[0][:2] == ("fine-tuning", "1/1") and lines[0][2] == "epoch"  # the batch bar is transient
+    assert [label for label, _, _ in lines[1:]] == ["extracting timm:test_resnet, timm:test_efficientnet"] * 2
+    assert "epoch 1: loss" in captured.out
+    assert_phases_add_up(history, {"data", "finetune", "extraction", "head", "other"})
+
+
+def test_fit_without_baselines_drops_earlier_probes_and_evaluates_the_fused_model_alone(
+    engine, train_data, test_arrays, tmp_path
+):
+    model = build(engine)
+    model.fit(train_data, cache_dir=tmp_path, epochs=2, **QUIET)
+    assert model.baselines is not None
+    model.fit(train_data, cache_dir=tmp_path, epochs=2, baselines=False, **QUIET)
+    assert model.baselines is None  # probes of the earlier head would not describe this one
+    report = model.evaluate(load_dataset(test_arrays, classes=CLASSES), cache=FeatureCache(tmp_path), progress=False)
+    assert 0 <= report["accuracy"] <= 1 and "branches" not in report and "baselines" not in report
+
+
+def test_probe_path_keeps_the_best_validation_solution_and_stops_once_accuracy_falls():
+    from sklearn.datasets import load_digits
+
+    from fusion_engine.core.probes import C_PATH, LinearProbe, fit_logistic
+    from fusion_engine.training.baselines import fit_tuned
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    x_fit, y_fit, x_val, y_val = x[:300], y[:300], x[300:600], y[300:600]
+    probe = LinearProbe(64, 10)
+    path = probe.fit_path(x_fit, y_fit, x_val, y_val)
+    scores = list(path.scores.values())
+    assert list(path.scores) == list(C_PATH)[: len(scores)]  # increasing C, a prefix of the grid
+    assert all(a <= b for a, b in zip(scores[:-1], scores[1:-1]))  # rising until the last one fitted
+    if len(scores) < len(C_PATH):  # stopped early: only because the last one fell below the best
+        assert scores[-1] < max(scores)
+    assert path.accuracy == max(scores) and path.scores[path.C] == path.accuracy
+    # the probe holds that solution (no refit): its own predictions score exactly that
+    assert (probe.predict_proba(x_val).argmax(1) == y_val).mean() == pytest.approx(path.accuracy)
+    # as good as a cold fit at the chosen C (the same optimum, reached from a warm start)
+    cold = LinearProbe(64, 10).fit(x_fit, y_fit, C=path.C)
+    assert abs((cold.predict_proba(x_val).argmax(1) == y_val).mean() - path.accuracy) <= 0.02
+    assert fit_tuned(LinearProbe(64, 10), x_fit, y_fit, x_val, y_val) == path.accuracy
+    # classes absent from the training labels keep a very low bias, as fit_logistic gives them
+    few = y_fit < 3
+    path3 = LinearProbe(64, 10).fit_path(x_fit[few], y_fit[few], x_val, y_val)
+    coef, intercept, _, _ = fit_logistic(x_fit[few], y_fit[few], 10, C=path3.C)
+    assert (path3.intercept[3:] == intercept[3:]).all() and (path3.intercept[3:] < -1e3).all()
+    assert (path3.coef[3:] == 0).all() and (path3.coef[:3] != 0).any()
+
+
+def test_the_path_minimises_scikit_learns_logistic_regression_objective():
+    """Fitted to a tight tolerance, one C of the path is scikit-learn's LogisticRegression(C) (the oracle)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from fusion_engine.core.probes import LinearProbe, standardise
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    for labels in (y, np.where(y < 5, 0, 1)):  # multinomial, and two classes (sklearn keeps one row there)
+        probe = LinearProbe(64, int(labels.max()) + 1)
+        probe.fit_path(x[:600], labels[:600], x[600:900], labels[600:900], Cs=(0.5,), max_iter=5000, tol=1e-7)
+        xs, _, _ = standardise(x[:600])
+        oracle = LogisticRegression(C=0.5, tol=1e-8, max_iter=5000).fit(xs, labels[:600])
+        xs_val = (x[600:900] - probe.mean.numpy()) / probe.scale.numpy()
+        np.testing.assert_allclose(probe.predict_proba(x[600:900]), oracle.predict_proba(xs_val), atol=2e-3)
+
+
 # --- fine-tuning: interrupt and resume ---------------------------------------------------------
 
 

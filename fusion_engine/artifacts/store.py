@@ -331,6 +331,7 @@ def load(folder, *, engine, public_key=None, encryption_key: bytes | None = None
     else:
         load_state(model, tensors)
     model.metrics, model.history, model.manifest = manifest.metrics, manifest.history, manifest
+    model.fitted = True
     return model.eval()
 
 

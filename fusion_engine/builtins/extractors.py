@@ -10,12 +10,21 @@ from torch import nn
 from fusion_engine.plugin_api import hookimpl
 
 
-def _pool(x: torch.Tensor, how: str, prefix_tokens: int = 0, p: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool a (B, C, H, W) map, (B, N, C) tokens or pass a (B, D) vector through."""
+def _nhwc(backbone: nn.Module) -> bool:
+    """Whether the backbone declares channels-last maps (``output_fmt = "NHWC"``, as timm's Swin does)."""
+    return str(getattr(backbone, "output_fmt", "NCHW")).upper() == "NHWC"
+
+
+def _pool(
+    x: torch.Tensor, how: str, prefix_tokens: int = 0, p: torch.Tensor | None = None, nhwc: bool = False
+) -> torch.Tensor:
+    """Pool a (B, C, H, W) map ((B, H, W, C) when ``nhwc``), (B, N, C) tokens or pass a (B, D) vector through."""
     if x.dim() == 2:
         return x
     if x.dim() == 3:  # tokens: pool over the patch tokens
         x = x[:, prefix_tokens:].transpose(1, 2)  # (B, C, N)
+    elif nhwc:
+        x = x.flatten(1, 2).transpose(1, 2)  # (B, C, H*W)
     else:
         x = x.flatten(2)  # (B, C, H*W)
     if how == "avg":
@@ -36,9 +45,10 @@ class Pool(nn.Module):
         super().__init__()
         self.how = how
         self.prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
+        self.nhwc = _nhwc(backbone)
 
     def forward(self, x):
-        return _pool(x, self.how, self.prefix_tokens)
+        return _pool(x, self.how, self.prefix_tokens, nhwc=self.nhwc)
 
 
 class GeM(nn.Module):
@@ -47,10 +57,11 @@ class GeM(nn.Module):
     def __init__(self, backbone: nn.Module, p: float, learnable: bool):
         super().__init__()
         self.prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
+        self.nhwc = _nhwc(backbone)
         self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
 
     def forward(self, x):
-        return _pool(x, "gem", self.prefix_tokens, self.p)
+        return _pool(x, "gem", self.prefix_tokens, self.p, nhwc=self.nhwc)
 
 
 class MultiScale(nn.Module):

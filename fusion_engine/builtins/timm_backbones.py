@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +22,44 @@ from fusion_engine.plugin_api import (
     load_weights_file,
     state_mismatch,
     suggest,
+    weights_dirs,
 )
 
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+_REACHABLE: dict[str, float] = {}  # when a hub probe last went unanswered
 
-def _hub_cached(model) -> bool:
+
+def _hub_answers() -> bool:
+    """``hub_reachable()``; a probe that got no answer is remembered for a minute, so that the branches
+    of one build do not each wait for it."""
+    if time.monotonic() - _REACHABLE.get("no answer", -1e9) < 60:
+        return False
+    if hub_reachable():
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):  # a real probe, not the switch
+        _REACHABLE["no answer"] = time.monotonic()
+    return False
+
+
+def _hub_cached_file(model) -> str | None:
+    """The model's pretrained weights file in the local Hugging Face cache, or None."""
     from huggingface_hub import try_to_load_from_cache
 
     hub_id = model.pretrained_cfg.get("hf_hub_id")
     if not hub_id:
-        return False
-    return any(
-        isinstance(try_to_load_from_cache(hub_id, f), str)
-        for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-    )
+        return None
+    filename = model.pretrained_cfg.get("hf_hub_filename")
+    for f in (filename,) if filename else HUB_FILES:
+        found = try_to_load_from_cache(hub_id, f)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _published(model) -> str | None:
+    """Where timm publishes this model's pretrained weights (a hub id or a URL), or None."""
+    cfg = model.pretrained_cfg
+    return cfg.get("hf_hub_id") or cfg.get("url") or None
 
 
 def _offline_error(model_name: str) -> WeightsError:
@@ -39,8 +67,29 @@ def _offline_error(model_name: str) -> WeightsError:
         f"pretrained weights for timm model '{model_name}' are not in the local cache and the hub cannot be "
         f'reached (offline?). Pass a local file instead: {{"name": "timm", "model": "{model_name}", '
         f'"weights": "/path/to/weights.safetensors"}}, or name weights listed in the index.json of a folder '
-        f"given by --weights-dir / {WEIGHTS_ENV_VAR}."
+        f'given by --weights-dir / {WEIGHTS_ENV_VAR}; or ask for random weights with "pretrained": false.'
     )
+
+
+def _indexed_weights_for(model: str) -> str | None:
+    """The name of the first entry of the local weights index (--weights-dir folders in order) holding
+    weights for timm model ``model`` (its ``architecture`` is ``timm:MODEL``, or its name is ``model``)."""
+    for folder in weights_dirs():
+        try:
+            entries = json.loads((folder / "index.json").read_text())
+        except (OSError, ValueError):  # no index there, or a broken one (naming it fails with a clear error)
+            continue
+        for name, entry in entries.items() if isinstance(entries, dict) else ():
+            if not isinstance(entry, dict) or "file" not in entry:
+                continue
+            try:
+                indexed = _indexed_model_name(name, str(entry.get("architecture", "")))
+            except ConfigError:
+                continue
+            found = find_weights_entry(name)
+            if (indexed == model or name == model) and found and Path(found["path"]).is_file():
+                return name
+    return None
 
 
 def _load_local(model: nn.Module, path: str) -> None:
@@ -62,15 +111,31 @@ def _load_local(model: nn.Module, path: str) -> None:
 
 
 class TimmBackbone(nn.Module):
-    """A timm model without its classifier; ``forward`` returns ``forward_features``."""
+    """A timm model without its classifier; ``forward`` returns ``forward_features`` as a (B, C, H, W) map
+    (models that work channels-last, such as Swin, are permuted back) or (B, N, C) tokens.
 
-    def __init__(self, model: nn.Module, data_config: dict, rebuild_options: dict):
+    ``pretrained_source`` says where the weights came from (``hub:ID``, ``hub cache:ID``, ``index:NAME``,
+    ``file:PATH``), None for random weights; ``random_init_reason`` says why, when pretrained weights were
+    wanted (the default) but could not be had."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_config: dict,
+        rebuild_options: dict,
+        pretrained_source: str | None = None,
+        random_init_reason: str | None = None,
+    ):
         super().__init__()
         self.model = model
         self.data_config = data_config
         self.rebuild_options = rebuild_options  # the options that rebuild this architecture without weights
         self.feature_dim = int(model.num_features)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's declared layout
+        self.output_fmt = "NCHW"  # what forward returns for maps, whatever the model's own layout
+        self.pretrained_source = pretrained_source
+        self.random_init_reason = random_init_reason
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Parameters by stage, input to output (timm's coarse grouping), for partial fine-tuning."""
@@ -80,15 +145,18 @@ class TimmBackbone(nn.Module):
         named = dict(self.model.named_parameters())
         return [[named[n] for n in groups[k]] for k in sorted(groups)]
 
+    def _as_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2) if self.channels_last_output and x.dim() == 4 else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        return self._as_nchw(self.model.forward_features(x))
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every stage's feature map, the final features last."""
+        """Every stage's feature map (NCHW), the final features last."""
         final, stages = self.model.forward_intermediates(x)
         stages = list(stages)
         if not stages or final is not stages[-1]:  # CNNs without a head conv return the last stage itself
-            stages.append(final)
+            stages.append(self._as_nchw(final))
         return stages
 
 
@@ -133,9 +201,27 @@ def _create_model(model: str, model_kwargs: dict) -> nn.Module:
         ) from None
 
 
+def _pretrained_net(model: str, model_kwargs: dict, cached: str) -> nn.Module:
+    """``model`` with timm's pretrained weights read from ``cached`` (a file of the local hub cache), through
+    timm's own loading (its checkpoint filters, classifier dropped) but never unpickling code."""
+    import timm
+
+    overlay = {**model_kwargs.get("pretrained_cfg_overlay", {}), "state_dict": load_weights_file(cached)}
+    kwargs = {**model_kwargs, "pretrained_cfg_overlay": overlay}
+    pretrained = timm.create_model(model, pretrained=True, num_classes=0, **kwargs)
+    pretrained.pretrained_cfg.pop("state_dict", None)  # do not keep a second copy of every tensor
+    return pretrained
+
+
+def _random_init_reason(model: str, hub_weights: bool) -> str:
+    if not hub_weights:
+        return f"timm publishes none for '{model}' and no --weights-dir index entry has them"
+    return "the hub cannot be reached; they are in neither its local cache nor a --weights-dir index"
+
+
 def timm_backbone(
     model: str | None = None,
-    pretrained: bool = False,
+    pretrained: bool | None = None,
     weights: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     input_size: int | list[int] | None = None,
@@ -143,11 +229,47 @@ def timm_backbone(
     std: list[float] | None = None,
     interpolation: str | None = None,
 ) -> TimmBackbone:
-    """Build ``timm.create_model(model, num_classes=0)``; ``weights`` is a local file or an indexed name."""
+    """Build ``timm.create_model(model, num_classes=0)``; ``weights`` is a local file or an indexed name.
+
+    ``pretrained`` (default: when weights can be had) takes pretrained weights from, in this order, the
+    local weights index (--weights-dir), the local hub cache, the hub; left out and none can be had, the
+    model is randomly initialised (``random_init_reason`` says why; ``Engine.build`` warns); ``True``
+    then raises ``WeightsError``; ``False`` asks for random weights.
+    """
     import timm
     from timm.data import resolve_model_data_config
 
     model_kwargs = dict(model_kwargs or {})
+    source = reason = net = None
+    if weights is None and pretrained is not False:
+        if not model:
+            raise ConfigError("timm backbone needs 'model' (a timm model name such as 'resnet50') or indexed 'weights'")
+        weights = _indexed_weights_for(model)
+        if weights is None:
+            net = _create_model(model, model_kwargs)
+            hub_weights = timm.is_model(model) and _published(net)  # width variants have none on the hub
+            cached = _hub_cached_file(net) if hub_weights else None
+            if cached:
+                net, source = _pretrained_net(model, model_kwargs, cached), f"hub cache:{hub_weights}"
+            elif hub_weights and _hub_answers():
+                try:
+                    net = timm.create_model(model, pretrained=True, num_classes=0, **model_kwargs)
+                    source = f"hub:{hub_weights}"
+                except Exception as exc:  # a download that failed half-way: an error only when asked for
+                    if pretrained:
+                        raise WeightsError(
+                            f"downloading pretrained weights for timm model '{model}' failed: {exc}"
+                        ) from exc
+                    reason = f"downloading them failed ({type(exc).__name__}: {exc})"
+            elif pretrained and not hub_weights:
+                raise WeightsError(
+                    f"timm publishes no pretrained weights for '{model}'; pass a local file with \"weights\", or "
+                    f'ask for random weights with "pretrained": false'
+                )
+            elif pretrained:
+                raise _offline_error(model)
+            else:
+                reason = _random_init_reason(model, bool(hub_weights))
     # An indexed name ("mobilenetv2_100.tf1_quant_in1k") has a dot too: look it up unless it is a file.
     entry = find_weights_entry(weights) if weights and not Path(weights).is_file() else None
     if weights and entry is None and not Path(weights).is_file():
@@ -156,6 +278,7 @@ def timm_backbone(
             f"index.json of a folder given by --weights-dir / {WEIGHTS_ENV_VAR}"
         )
     if entry is not None:
+        source = f"index:{weights}"
         model = model or _indexed_model_name(weights, entry.get("architecture", ""))
         model_kwargs = {**entry.get("timm_kwargs", {}), **model_kwargs}
         mean = mean or entry.get("mean")
@@ -165,15 +288,13 @@ def timm_backbone(
         weights = entry["path"]
     if not model:
         raise ConfigError("timm backbone needs 'model' (a timm model name such as 'resnet50') or indexed 'weights'")
-    net = _create_model(model, model_kwargs)
+    if net is None:
+        net = _create_model(model, model_kwargs)
     if weights:
         if not Path(weights).is_file():
             raise WeightsError(f"weights file {weights} does not exist")
         _load_local(net, weights)
-    elif pretrained:
-        if not _hub_cached(net) and not hub_reachable():
-            raise _offline_error(model)
-        net = timm.create_model(model, pretrained=True, num_classes=0, **model_kwargs)
+        source = source or f"file:{weights}"
     config = dict(resolve_model_data_config(net))
     if input_size is not None:
         size = [input_size] * 2 if isinstance(input_size, int) else list(input_size)[-2:]
@@ -190,9 +311,13 @@ def timm_backbone(
         "std": list(data_config["std"]),
         "interpolation": data_config["interpolation"],
     }
-    return TimmBackbone(net.eval(), data_config, rebuild)
+    return TimmBackbone(net.eval(), data_config, rebuild, pretrained_source=source, random_init_reason=reason)
 
 
 @hookimpl
 def register_backbones(register):
-    register("timm", timm_backbone, description="Any timm model (timm.create_model), hub or local weights")
+    register(
+        "timm",
+        timm_backbone,
+        description="Any timm model (timm.create_model); pretrained when weights can be had (hub, cache, index)",
+    )

@@ -78,6 +78,7 @@ def train_config_from(args):
             device=args.device,
             val_fraction=args.val_fraction,
             extract_runtime=args.extract_runtime,
+            baselines=False if getattr(args, "no_baselines", False) else None,
         )
     )
 

@@ -20,6 +20,7 @@ from fusion_engine.search.result import side_paths
 from fusion_engine.search.run import search
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.metrics import format_report
+from fusion_engine.training.report import write_report_beside
 
 
 def add_search_options(parser) -> None:
@@ -123,4 +124,5 @@ def run_search(args) -> int:
             f"saved to {out}; its config: {config_path} (rerun or edit it: fusion-engine train --config "
             f"{config_path}); leaderboard: {board_path}"
         )
+    write_report_beside(report, out, model=model, log=log)  # RUN_DIR.report.html, with the leaderboard
     return 0

@@ -24,10 +24,12 @@ from fusion_engine.cli.common import engine as make_engine
 from fusion_engine.cli.search import add_search_options, run_search
 from fusion_engine.core.config import load_config_file
 from fusion_engine.core.defaults import default_config
+from fusion_engine.core.progress import PhaseClock, format_phases
 from fusion_engine.errors import ConfigError
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.fit import fit
 from fusion_engine.training.metrics import format_report
+from fusion_engine.training.report import write_report_beside
 
 
 def add_parser(sub) -> None:
@@ -68,6 +70,11 @@ def add_parser(sub) -> None:
     p.add_argument("--sign-key", help="Ed25519 private key: sign the saved model")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the per-branch probes and the handcrafted baseline (evaluation then shows the fused model only)",
+    )
     add_search_options(p)
     p.set_defaults(func=run)
 
@@ -94,6 +101,7 @@ def check_out(out: str, checkpoint: str | None = None) -> None:
 
 def run(args) -> int:
     """Train a fused model, evaluate it beside its baselines on held-out data, save RUN_DIR."""
+    clock = PhaseClock()  # the end-of-run summary: every phase's wall time, adding up to the run's
     checkpoint = str(Path(args.out)) + ".checkpoint"  # beside RUN_DIR, never inside it (--out runs/x/)
     check_out(args.out, checkpoint if args.mode == "finetune" and not args.search else None)  # before any work
     if args.search:
@@ -118,14 +126,19 @@ def run(args) -> int:
     if args.fusion:
         config["fusion"] = args.fusion
     log(f"backbones: {note}")
+    engine.validate(config)  # every component name and option, before any data is loaded
+    clock.lap("setup")
     data, train_data, test_data = load_train_test(args, log)
+    clock.lap("data")
     key = encryption_key(args, required=args.encrypt)
     train_config = train_config_from(args)
     torch.manual_seed(args.seed)  # random-init branches are reproducible too
     model = engine.build(config, class_names=data.classes)
     cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
+    clock.lap("setup")
     if distributed.active() and train_config.mode == "frozen":  # the held-out features are sharded too
         cache.features(model, test_data, batch_size=train_config.batch_size, progress=not args.quiet)
+        clock.lap("extraction")
     history = fit(
         model,
         train_data,
@@ -138,6 +151,7 @@ def run(args) -> int:
         resume=args.resume,
         encryption_key=key,
     )
+    charge_fit(clock, history)
     if worker != 0:
         return 0
     report = model.evaluate(
@@ -146,16 +160,56 @@ def run(args) -> int:
         device=train_config.device if train_config.device != "auto" else "cpu",
         progress=not args.quiet,
     )
+    clock.lap("evaluation")
     model.metrics = {"test": report}
     out = model.save(args.out, encryption_key=key, signing_key=args.sign_key)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the run finished: its checkpoint is spent
-    if args.json:
-        print(json.dumps({**report_summary(report), "run_dir": str(out), "history": history}, default=str))
-    else:
+    clock.lap("saving")
+    if not args.json:
         log(f"\nheld-out test results ({len(test_data)} images the model never saw):")
         log(format_report(report))
-        log(
-            f"extraction {history.get('extract_seconds', 0):.1f} s, head training {history.get('head_seconds', 0):.1f} s; "
-            f"saved to {out}"
+    write_report_beside(report, out, model=model, log=log)  # RUN_DIR.report.html: charts, mistakes, provenance
+    clock.lap("report")
+    timing = run_timing(clock)
+    if args.json:
+        print(
+            json.dumps(
+                {**report_summary(report), "run_dir": str(out), "history": history, "timing": timing}, default=str
+            )
         )
+    else:
+        log(format_phases(timing["phases"], timing["seconds"], PHASE_LABELS))
+        log(f"saved to {out}")
     return 0
+
+
+# the phases of a run, in the order they happen; fit() measures the ones it runs
+PHASE_LABELS = {
+    "setup": "setup (plugins, config, model)",
+    "data": "data loading",
+    "finetune": "fine-tuning",
+    "extraction": "feature extraction",
+    "head": "head training",
+    "baselines": "baselines (probes)",
+    "evaluation": "evaluation (held-out)",
+    "saving": "saving RUN_DIR",
+    "report": "HTML report",
+    "other": "other",
+}
+
+
+def charge_fit(clock: PhaseClock, history: dict) -> None:
+    """Split the time fit() just took into its phases; what fit() did not assign stays in ``other``."""
+    clock.lap(None)
+    for name, seconds in history.get("phase_seconds", {}).items():
+        if name != "other":
+            clock.add(name, seconds)
+
+
+def run_timing(clock: PhaseClock) -> dict:
+    """``{"seconds": total, "phases": {name: seconds}}``: every phase of the run, in order, with ``other``
+    (whatever no phase claimed), so that the phases add up to the total."""
+    total = clock.total
+    phases = clock.breakdown(total)
+    order = [name for name in PHASE_LABELS if name in phases] + [name for name in phases if name not in PHASE_LABELS]
+    return {"seconds": round(total, 3), "phases": {name: phases[name] for name in order}}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from fusion_engine.errors import DataError
+from fusion_engine.errors import DataError, suggest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -145,10 +145,16 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
+# Real photos shipped with the package (core/samples/README.md says where they come from).
+SAMPLES = {"cifar10-sample": Path(__file__).resolve().parent / "samples" / "cifar10_sample.npz"}
+
+
 def load_dataset(source, *, classes: list[str] | None = None, split: str = "train") -> ImageDataset:
     """Load labelled images from ``source``.
 
-    ``source`` is one of: ``"digits"`` (scikit-learn's 8x8 digits); a folder with one
+    ``source`` is one of: ``"digits"`` (scikit-learn's 8x8 digits); ``"cifar10-sample"`` (3000 real
+    photos shipped with the package, see ``core/samples/README.md``: ``split="train"`` 2000 images,
+    ``split="test"`` 1000 others); a folder with one
     sub-folder of images per class (class names = sorted sub-folder names); an ``.npz``
     with ``x`` and ``y`` (optional ``classes``), or with ``x_train, y_train, x_test, y_test``
     (``split`` picks one); a tuple ``(x, y)`` of arrays; a torch Dataset of ``(image, label)``
@@ -157,6 +163,8 @@ def load_dataset(source, *, classes: list[str] | None = None, split: str = "trai
     ``classes`` names the labels 0..K-1; for a folder it picks and orders the sub-folders.
     A string is a path unless it is ``"digits"``; write ``"./digits"`` for a folder of that name.
     """
+    if isinstance(source, str) and source in SAMPLES:
+        source = SAMPLES[source]
     is_npz = isinstance(source, (str, Path)) and str(source).lower().endswith(".npz")
     if split != "train" and not is_npz:
         raise DataError(
@@ -175,8 +183,9 @@ def load_dataset(source, *, classes: list[str] | None = None, split: str = "trai
         if not path.exists():
             if isinstance(source, str) and not (os.sep in source or "/" in source or path.suffix):
                 raise DataError(
-                    f'unknown dataset source {source!r}: give "digits", a folder with one sub-folder of images per '
-                    "class, or an .npz file with x and y"
+                    f'unknown dataset source {source!r}{suggest(source, ["digits", *SAMPLES])}: give "digits", '
+                    f"{', '.join(repr(s) for s in SAMPLES)}, a folder with one sub-folder of images per class, "
+                    "or an .npz file with x and y"
                 )
             raise DataError(f"dataset path {path.resolve()} does not exist; check the path")
         if path.is_dir():
@@ -263,7 +272,199 @@ def to_float_images(x) -> torch.Tensor:
     return _to_float(_check_values(t, "images"))
 
 
+IMAGE_INPUTS = (
+    "a PIL image, an image file path (str or Path), one image as a numpy array or torch tensor "
+    "((H, W), (H, W, C) or (C, H, W); C = 1, 3, or 4 with alpha), a batch ((N, H, W), (N, H, W, C) or "
+    "(N, C, H, W)), or a list of single images in any of these forms (sizes may differ)"
+)
+
+
+def image_batch(images, size: int | tuple[int, int] | None = None, *, batch: bool | None = None) -> torch.Tensor:
+    """Any image input as float32 images (N, C, H, W) in [0, 1], C = 1 or 3; see :data:`IMAGE_INPUTS`.
+
+    Pixels are uint8 (0..255) or float in [0, 1]; alpha is composited onto white (as files are read).
+    With ``size`` every image is resized to it (bilinear, antialiased: as training batches are); without
+    it, a list of images of different sizes is an error. Grey and RGB images in one list give RGB.
+
+    ``batch=None`` reads an array's layout from its shape: 2-D is one grey image; 3-D is one image when
+    an outer axis holds channels ((H, W, 1|3|4) for numpy; (1|3, H, W) for tensors, then the other way
+    round), else N grey images (N, H, W); 4-D is a batch. So three grey images in one (3, H, W) array
+    read as one RGB image: give them as (3, H, W, 1) or as a list. ``batch=True`` (scikit-learn's X)
+    always reads the first axis as images. A list holds one image per item, never batches.
+    """
+    if isinstance(images, np.ndarray) and images.dtype.kind == "O" and images.ndim > 1 and images[0].size > 1:
+        try:  # numbers stored as objects
+            images = images.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise DataError(
+                f"the images are an object array of shape {images.shape} that holds neither numbers nor one image "
+                f"per item ({e}); give {IMAGE_INPUTS}"
+            ) from None
+    elif isinstance(images, np.ndarray) and images.dtype.kind in "OUS":  # paths or per-image objects
+        images = images.item() if images.ndim == 0 else list(images.reshape(-1))
+    elif not isinstance(images, (np.ndarray, torch.Tensor, list, tuple, str, Path, Image.Image)) and hasattr(
+        images, "__array__"
+    ):
+        images = np.asarray(images)
+    if isinstance(images, (list, tuple)) and images and _is_numeric_nest(images):
+        try:
+            images = np.asarray(images)
+        except ValueError:
+            pass  # ragged: one image per item
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        t = _pixels(images, "the images")
+        single = t.ndim == 2 or (t.ndim == 3 and _channel_axis(t, isinstance(images, torch.Tensor)) is not None)
+        if single and not batch:
+            items = [_one_image(images, "the image")]
+        elif t.ndim in (3, 4):
+            x = _alpha_onto_white(_to_float(_checked_pixels(_batch_nchw(t, images), "the images")))
+            return _resized(x, size)
+        else:
+            tabular = (
+                " (2-D: one grey image, or rows of tabular features, not a batch of images)" if t.ndim == 2 else ""
+            )
+            raise DataError(
+                f"the images have shape {tuple(t.shape)}{tabular}; "
+                + (
+                    "expected a batch of images (N, H, W), (N, H, W, C) or (N, C, H, W); reshape flattened images "
+                    "with X.reshape(-1, H, W)"
+                    if batch
+                    else f"give {IMAGE_INPUTS}"
+                )
+            )
+    elif isinstance(images, (str, Path, Image.Image)):
+        items = [_one_image(images, "the image")]
+    elif isinstance(images, (list, tuple)):
+        items = [_one_image(item, f"item {i} of the list") for i, item in enumerate(images)]
+    else:
+        raise DataError(f"cannot read images from a {type(images).__name__}; give {IMAGE_INPUTS}")
+    size = (size, size) if isinstance(size, int) else tuple(size) if size is not None else None
+    if not items:
+        return torch.zeros((0, 3, *(size or (1, 1))))
+    shapes = {tuple(t.shape[1:]) for t in items}
+    if size is None and len(shapes) > 1:
+        raise DataError(
+            f"the images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(shapes))}); resize them to one "
+            "size, or pass size=(H, W)"
+        )
+    return collate_images([(t, 0) for t in items], size=size)[0]
+
+
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _is_numeric_nest(items) -> bool:
+    """Whether a list looks like nested numbers (an array written as lists), not a list of images."""
+    first = items[0]
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return isinstance(first, (int, float, np.number)) and not isinstance(first, bool)
+
+
+def _pixels(x, what: str) -> torch.Tensor:
+    """A numpy array or tensor as a CPU tensor of uint8, int64 or float32 pixels (layout untouched)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        if t.dtype == torch.bool or t.is_complex():
+            raise DataError(f"{what}: a {t.dtype} tensor; expected uint8 (0..255) or float (0..1) pixels")
+        if t.dtype != torch.uint8:
+            t = t.float() if t.is_floating_point() else t.long()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DataError(f"{what}: NaN or infinite values; pixels must be float in [0, 1] or uint8 0..255")
+        return t
+    if x.dtype.kind not in "uif":
+        raise DataError(f"{what}: dtype {x.dtype}; expected uint8 (0..255) or float (0..1) pixels")
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32 if x.dtype.kind == "f" else np.int64)
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise DataError(f"{what}: NaN or infinite values; pixels must be float in [0, 1] or uint8 0..255")
+    return t
+
+
+def _channel_axis(t: torch.Tensor, channels_first: bool) -> int | None:
+    """For one 3-D image: 0 (C, H, W) or 2 (H, W, C) when that axis can hold channels, else None."""
+    first, last = t.shape[0] in (1, 3), t.shape[2] in (1, 3, 4)
+    order = (0, 2) if channels_first else (2, 0)
+    return next((axis for axis in order if (first if axis == 0 else last)), None)
+
+
+def _batch_nchw(t: torch.Tensor, original) -> torch.Tensor:
+    """A batch (N, H, W), (N, H, W, C) or (N, C, H, W) as (N, C, H, W); C = 1, 3 or 4."""
+    if t.ndim == 3:
+        return t[:, None]
+    first, last = t.shape[1] in (1, 3, 4), t.shape[3] in (1, 3, 4)
+    if last and not (first and isinstance(original, torch.Tensor)):
+        return t.permute(0, 3, 1, 2)
+    if first:
+        return t
+    raise DataError(
+        f"the images have shape {tuple(t.shape)}: no channel axis; expected (N, H, W, C) or (N, C, H, W) with "
+        "C = 1 (grey), 3 (RGB) or 4 (RGBA)"
+    )
+
+
+def _alpha_onto_white(x: torch.Tensor) -> torch.Tensor:
+    """Float (N, 4, H, W) RGBA composited onto white as (N, 3, H, W); other images unchanged."""
+    if x.shape[1] != 4:
+        return x
+    alpha = x[:, 3:]
+    return x[:, :3] * alpha + (1 - alpha)
+
+
+def _resized(x: torch.Tensor, size) -> torch.Tensor:
+    size = (size, size) if isinstance(size, int) else tuple(size) if size is not None else None
+    if size is None or tuple(x.shape[2:]) == size or not len(x):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _one_image(image, what: str) -> torch.Tensor:
+    """One image in any accepted form as float32 (C, H, W) in [0, 1], C = 1 or 3."""
+    if isinstance(image, Image.Image):
+        return _to_float(pil_to_tensor(image))
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser().resolve()
+        where = "" if what == "the image" else f"{what}: "
+        if not path.is_file():
+            problem = "is a folder" if path.is_dir() else "does not exist"
+            hint = " (list its images, e.g. sorted(Path(folder).glob('*.png')))" if path.is_dir() else ""
+            raise DataError(f"{where}image file {path} {problem}; give the path of an image file{hint}")
+        try:
+            with Image.open(path) as img:
+                return _to_float(pil_to_tensor(img))
+        except _PIL_ERRORS as e:
+            raise DataError(f"{where}cannot read image file {path}: {e}. Give a readable image file") from e
+    if isinstance(image, (list, tuple)) and _is_numeric_nest(image):
+        try:
+            image = np.asarray(image)
+        except ValueError:
+            pass
+    if not isinstance(image, (np.ndarray, torch.Tensor)):
+        raise DataError(
+            f"{what} is a {type(image).__name__}; expected one image: a PIL image, an image file path, or a numpy "
+            "array / torch tensor (H, W), (H, W, C) or (C, H, W)"
+        )
+    t = _pixels(image, what)
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim == 2:
+        t = t[None]
+    elif t.ndim == 3 and (axis := _channel_axis(t, isinstance(image, torch.Tensor))) is not None:
+        t = t.permute(2, 0, 1) if axis == 2 else t
+    else:
+        raise DataError(
+            f"{what} has shape {tuple(t.shape)}, which is not one image; expected (H, W), (H, W, C) or (C, H, W) "
+            "with C = 1, 3 or 4" + (" (a list holds one image per item)" if t.ndim > 2 else "")
+        )
+    return _alpha_onto_white(_to_float(_checked_pixels(t.contiguous(), what))[None])[0]
+
+
+def _checked_pixels(t: torch.Tensor, what: str) -> torch.Tensor:
+    try:
+        return _check_values(t, "pixels")
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
 
 
 def _to_float(t: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fusion_engine.core.hub import hub_reachable
 from fusion_engine.core.weights_index import all_entries
 
 HUB_BACKBONES = ["mobilenetv3_large_100", "efficientnet_b0", "resnet18"]
@@ -10,9 +9,10 @@ MAX_DEFAULT_BRANCHES = 3
 
 
 def default_config(fusion: str = "concat", engine=None) -> tuple[dict, str]:
-    """(config, note): indexed local weights when a weights folder is set, else hub weights when the
-    hub answers, else random initialisation (the note says so plainly). When the handcrafted plugin
-    is installed, a HOG + colour-histogram branch joins the CNNs (classic and deep features fused)."""
+    """(config, note): indexed local weights when a weights folder is set, else timm's backbones, pretrained
+    from the hub or its local cache when the weights can be had (``Engine.build`` warns, naming them, about
+    those that fall back to random weights). When the handcrafted plugin is installed, a HOG +
+    colour-histogram branch joins the CNNs (classic and deep features fused)."""
     config, note = _cnn_config(fusion)
     if engine is not None and "handcrafted" in engine.registry.names("backbone"):
         config["backbones"].append({"name": "handcrafted"})
@@ -30,16 +30,9 @@ def _cnn_config(fusion: str) -> tuple[dict, str]:
             "backbones": backbones,
             "fusion": fusion,
         }, f"pretrained backbones from the local weights index: {', '.join(local)}"
-    if hub_reachable():
-        backbones = [{"name": "timm", "model": m, "pretrained": True} for m in HUB_BACKBONES]
-        return {
-            "backbones": backbones,
-            "fusion": fusion,
-        }, f"pretrained backbones from the hub: {', '.join(HUB_BACKBONES)}"
-    backbones = [{"name": "timm", "model": m} for m in HUB_BACKBONES]
+    backbones = [{"name": "timm", "model": m} for m in HUB_BACKBONES]  # pretrained by default when weights can be had
     return (
         {"backbones": backbones, "fusion": fusion},
-        "WARNING: no pretrained weights could be had (the hub is unreachable and no --weights-dir / "
-        "FUSION_ENGINE_WEIGHTS_DIR was given), so the backbones are RANDOMLY INITIALISED; expect far lower "
-        "accuracy than pretrained backbones give",
+        f"timm backbones {', '.join(HUB_BACKBONES)}, pretrained from the hub or its local cache when the weights "
+        "can be had (a warning names any that cannot)",
     )

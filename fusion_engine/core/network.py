@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion_engine.core.data import to_float_images
+from fusion_engine.core.data import image_batch
 from fusion_engine.core.preprocess import Preprocess, data_config_key
-from fusion_engine.errors import PluginError
+from fusion_engine.errors import NotFittedError, PluginError
 
 
 class Branch(nn.Module):
@@ -49,7 +49,8 @@ class FusedNetwork(nn.Module):
     Besides its layers it carries what a saved model records: ``baselines`` (per-branch and
     handcrafted probes, a torch module saved with the weights), ``compression`` (the steps
     applied, replayed on load), ``components`` (who offered each component), ``history`` and
-    ``metrics`` of training, and ``manifest`` when it was loaded from a RUN_DIR.
+    ``metrics`` of training, and ``manifest`` when it was loaded from a RUN_DIR. ``fitted`` says
+    whether it was trained (``fit`` ran) or loaded from a RUN_DIR; ``predict`` refuses otherwise.
     """
 
     def __init__(self, branches: list[Branch], fusion: nn.Module, config, class_names=None):
@@ -73,6 +74,7 @@ class FusedNetwork(nn.Module):
         self.history: dict = {}
         self.metrics: dict = {}
         self.manifest = None
+        self.fitted: bool = False  # set by fit() and by loading a RUN_DIR
 
     @property
     def branch_names(self) -> list[str]:
@@ -133,12 +135,29 @@ class FusedNetwork(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.branch_features(images))
 
+    def check_fitted(self) -> None:
+        """NotFittedError unless the model was trained or loaded (or its fitted fusion was fitted directly)."""
+        fusion_fitted = getattr(self.fusion, "requires_fit", False) and bool(getattr(self.fusion, "fitted", False))
+        if not (self.fitted or fusion_fitted):
+            raise NotFittedError(
+                "this model has not been trained yet, so its predictions would be random: call fit(data) first, "
+                "or load a trained model with fusion_engine.load(RUN_DIR)"
+            )
+
     @torch.inference_mode()
     def predict_proba(self, images, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities (N, num_classes) for tensors or numpy arrays (uint8 or float)."""
+        """Class probabilities (N, num_classes); a single image gives (1, num_classes).
+
+        ``images``: a PIL image, an image file path, one image or a batch as a numpy array or torch
+        tensor (uint8 0..255 or float 0..1; (H, W), (H, W, C), (C, H, W), (N, H, W[, C]), (N, C, H, W)),
+        or a list of any of these single images, mixed sizes allowed (``core.data.image_batch`` reads
+        them). Every image is resized to the model's input size (``input_size_for``) first, as training
+        batches are. NotFittedError before ``fit`` (or loading a trained model).
+        """
+        self.check_fitted()
+        x = image_batch(images, size=input_size_for(self))
         was_training = self.training
         self.eval()
-        x = to_float_images(images)
         device = next(self.parameters()).device
         out = [
             torch.softmax(self(x[i : i + batch_size].to(device)).float(), dim=1).cpu()
@@ -148,7 +167,7 @@ class FusedNetwork(nn.Module):
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), dtype=np.float32)
 
     def predict(self, images, batch_size: int = 64) -> np.ndarray:
-        """Predicted class indices (N,)."""
+        """Predicted class indices (N,) for the inputs ``predict_proba`` takes; a single image gives (1,)."""
         return self.predict_proba(images, batch_size=batch_size).argmax(axis=1)
 
 

@@ -167,7 +167,57 @@ class SearchResult:
             lines.append("not buildable: " + "; ".join(f"{s['candidate']} ({s['error'][:160]})" for s in self.skipped))
         if self.ranking:
             lines.append(self.ranking["statement"])
+        lines += self.fusion_verdict()
         return "\n".join(lines)
+
+    def fusion_verdict(self) -> list[str]:
+        """In words: whether the winner is fused at all, and every kind of row (the handcrafted baseline, a
+        single backbone) that beats it on CV or on held-out data; or that none does."""
+        w = self.winner
+        what = "the fused winner" if w["kind"] == "fused" else "the winner"
+        others = [r for r in self.rows if r is not w and r["cv_mean"] is not None]
+        lines = []
+        if w["kind"] == "single" and any(r["kind"] == "fused" for r in others):
+            best = max((r for r in others if r["kind"] == "fused"), key=lambda r: r["cv_mean"])
+            lines.append(
+                f"fusion did not win: the winner is a single backbone; the best fused row, {best['candidate']}, "
+                f"scored CV {best['cv_mean']:.4f} against the winner's {w['cv_mean']:.4f}"
+            )
+        n_test = len(self._test) if self._test is not None else 0
+        beaten = []
+        for key, measure in (("cv_mean", "CV"), ("held_out", "held-out")):
+            if w.get(key) is None:
+                continue
+            single = "another single backbone" if w["kind"] == "single" else "a single backbone"
+            for kind, noun in (("baseline", "the handcrafted baseline"), ("single", single)):
+                rivals = [r for r in others if r["kind"] == kind and r.get(key) is not None and r[key] > w[key]]
+                if not rivals:
+                    continue
+                best = max(rivals, key=lambda r: r[key])
+                gap = 100 * (best[key] - w[key])
+                if key == "cv_mean":  # the standard error of the paired fold differences, as the selection uses
+                    a, b = best["cv_folds"] or [], w["cv_folds"] or []
+                    diffs = np.subtract(a, b, dtype=float) if len(a) == len(b) else np.zeros(0)
+                    noise = 100 * float(diffs.std(ddof=1)) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+                else:
+                    p = (best[key] + w[key]) / 2
+                    noise = 100 * 2 * (2 * p * (1 - p) / max(n_test, 1)) ** 0.5 if n_test else 0.0
+                within = f" (within the {measure} noise, about {noise:.2f} points)" if noise and gap <= noise else ""
+                beaten.append(
+                    f"{noun} beats {what} on {measure}: {best['candidate']} {best[key]:.4f} against "
+                    f"{w[key]:.4f}, {gap:.2f} points more{within}"
+                )
+        lines += [f"NOTE: {line}" for line in beaten]
+        kinds = {r["kind"] for r in others}
+        if not beaten and w["kind"] == "fused" and kinds & {"baseline", "single"}:
+            on = "CV and held-out data" if w.get("held_out") is not None else "CV"
+            rivals = " and ".join(
+                noun
+                for kind, noun in (("baseline", "the handcrafted baseline"), ("single", "every single backbone"))
+                if kind in kinds
+            )
+            lines.append(f"fusion won: the fused winner beats {rivals} on {on}")
+        return lines
 
     # -- after the choice
 

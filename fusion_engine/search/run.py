@@ -156,6 +156,7 @@ def search(
         log,
         hand=hand,
         hand_rate=hand_rate,
+        progress=progress,
     )
     outcome = searcher.run(fusion_list, screen)
     search_seconds = searcher.clock.elapsed

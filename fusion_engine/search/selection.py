@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from fusion_engine.core.probes import LinearProbe
+from fusion_engine.core.progress import Progress
 from fusion_engine.errors import DataError
 from fusion_engine.search.candidates import Candidate, fusion_label, setting_label
 from fusion_engine.search.config import SearchConfig
@@ -102,6 +103,7 @@ class Searcher:
         log,
         hand: np.ndarray | None = None,
         hand_rate: float | None = None,
+        progress: bool = False,
     ):
         from sklearn.model_selection import StratifiedKFold  # slow to import: only when used
 
@@ -128,6 +130,7 @@ class Searcher:
         self.skipped_for_budget: list[str] = []
         self.mandatory = True  # the first evaluation always completes: a search must return something
         self.hand_rate = hand_rate
+        self.progress = progress  # a bar over the rows of each selection step
 
     # -- one fusion on a subset of backbones, trained on some rows and scored on others
 
@@ -304,18 +307,28 @@ class Searcher:
         n = len(self.candidates)
         for size in range(1, min(self.config.max_branches, n) + 1):
             budget_hit, screened = False, []
+            bar = Progress(
+                n - len(current) + len(fusions), f"search: subsets of {size} backbone(s)", self.progress, unit="row"
+            )
+
+            def evaluate(subset, fusion, step, bar=bar):
+                row = self.evaluate(subset, fusion, step)
+                bar.update(1, **({"CV": row["cv_mean"]} if row["cv_mean"] is not None else {}))
+                return row
+
             try:
                 if size == 1:
                     for i in range(n):
-                        screened.append(self.evaluate((i,), screen, 1))
+                        screened.append(evaluate((i,), screen, 1))
                 else:
                     for i in range(n):
                         if i not in current:
-                            screened.append(self.evaluate(tuple(sorted(current + (i,))), screen, size))
+                            screened.append(evaluate(tuple(sorted(current + (i,))), screen, size))
             except BudgetExhausted:
                 budget_hit = True
             screened = [r for r in screened if r["cv_mean"] is not None]
             if not screened:
+                bar.close()
                 stopped = (
                     "time budget reached" if budget_hit or self.clock.exhausted else "no candidate could be scored"
                 )
@@ -326,9 +339,10 @@ class Searcher:
             if not budget_hit:
                 try:
                     for fusion in fusions:
-                        rows.append(self.evaluate(subset, fusion, size))
+                        rows.append(evaluate(subset, fusion, size))
                 except BudgetExhausted:
                     budget_hit = True
+            bar.close()  # a step may end early (the time budget)
             best = max((r for r in rows if r["cv_mean"] is not None), key=lambda r: (r["cv_mean"], -r["parameters"]))
             step = {
                 "size": size,

@@ -315,16 +315,8 @@ class FeatureCache:
 
         def fill(indices, buffers):
             loader = make_loader(dataset, model, batch_size, num_workers)
-            run_branches(
-                model,
-                loader,
-                indices,
-                buffers,
-                device,
-                Progress(len(dataset), "extracting features", progress),
-                self.runtime,
-                self.onnx_runners,
-            )
+            with Progress(len(dataset), extracting_label(model, indices), progress) as bar:
+                run_branches(model, loader, indices, buffers, device, bar, self.runtime, self.onnx_runners)
 
         if not distributed.active():
             return self.arrays(keys, shapes, fill, names)
@@ -359,16 +351,9 @@ class FeatureCache:
         ]
         start = time.perf_counter()
         loader = make_loader(dataset.subset(list(part)), model, batch_size, num_workers)
-        run_branches(
-            model,
-            loader,
-            missing,
-            buffers,
-            device,
-            Progress(len(part), f"extracting features (rank {me}/{world})", progress and me == 0),
-            self.runtime,
-            self.onnx_runners,
-        )
+        label = f"{extracting_label(model, missing)} (rank {me}/{world})"
+        with Progress(len(part), label, progress and me == 0) as bar:
+            run_branches(model, loader, missing, buffers, device, bar, self.runtime, self.onnx_runners)
         bad = [scan(buffer, digest=False)[1] for buffer in buffers]
         for buffer in buffers:
             buffer.flush()
@@ -410,6 +395,11 @@ class FeatureCache:
         distributed.barrier()
         self.stats["extract_seconds"] += time.perf_counter() - start
         return len(missing)
+
+
+def extracting_label(model, indices) -> str:
+    """The progress label of one extraction pass: the names of the branches it extracts together."""
+    return "extracting " + ", ".join(printable(model.branches[i].name) for i in indices)
 
 
 @torch.inference_mode()

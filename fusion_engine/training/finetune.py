@@ -333,16 +333,15 @@ def finetune(
             raise ConfigError(f"--resume: no checkpoint at {folder}; start without --resume")
         state, best_state = _load_checkpoint(folder, model, optimizer, scheduler, encryption_key, identity)
         log(f"resuming after epoch {state['epoch']} from {folder}")
+    shown = progress and distributed.rank() == 0
+    epochs_bar = Progress(config.epochs, "fine-tuning", shown, unit="epoch", initial=state["epoch"])
     while state["epoch"] < config.epochs and state["stale"] < config.patience:
         epoch = state["epoch"]
         seed_everything(config.seed * 1000 + epoch)
         trainer.train()
         total, seen = 0.0, 0
-        bar = Progress(
-            len(train_data) // distributed.world_size(),
-            f"epoch {epoch + 1}/{config.epochs}",
-            progress and distributed.rank() == 0,
-        )
+        # the batches of one epoch: a live bar on a terminal, erased when the epoch ends
+        bar = Progress(len(train_data) // distributed.world_size(), f"epoch {epoch + 1}", shown, transient=True)
         for images, labels in _loader(train_data, model, config, epoch, shuffle=True):
             images, labels = images.to(device), labels.to(device)
             with autocast(device, config.precision):
@@ -361,6 +360,7 @@ def finetune(
             total += float(loss.detach()) * len(images)
             seen += len(images)
             bar.update(len(images))
+        bar.close()
         scheduler.step()
         val_acc = accuracy(model, val_ds, config, device)
         state["epochs"].append(
@@ -372,11 +372,13 @@ def finetune(
         else:
             state["stale"] += 1
         state["epoch"] = epoch + 1
+        epochs_bar.update(1, val_accuracy=val_acc, best=state["best"])
         if distributed.rank() == 0:
             log(f"epoch {epoch + 1}: loss {state['epochs'][-1]['loss']:.4f}, validation accuracy {val_acc:.4f}")
             if folder is not None:  # only rank 0 writes; the others wait until the checkpoint is complete
                 _save_checkpoint(folder, model, optimizer, scheduler, state, best_state, encryption_key)
         distributed.barrier()
+    epochs_bar.close()  # early stopping ends the phase before the last epoch
     model.load_state_dict(best_state)
     distributed.broadcast_state(model)  # every rank continues with rank 0's exact weights
     model.eval()

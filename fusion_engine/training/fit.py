@@ -7,8 +7,6 @@ features) fitted on the same split.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,11 +15,18 @@ import fusion_engine.training.distributed as distributed
 from fusion_engine.artifacts.tensors import state_tensors
 from fusion_engine.core.data import align_classes, load_dataset, stratified_split
 from fusion_engine.core.probes import Baselines
+from fusion_engine.core.progress import PhaseClock, Progress
 from fusion_engine.errors import DataError
 from fusion_engine.training.baselines import fit_baselines, handcrafted_for
 from fusion_engine.training.config import TrainConfig, resolve_device, seed_everything, train_config
 from fusion_engine.training.evaluation import logits_from_features
 from fusion_engine.training.feature_cache import FeatureCache
+
+
+def _shown(classes) -> str:
+    """The class names as a Python list, shortened when long."""
+    names = [str(c) for c in classes]
+    return repr(names) if len(names) <= 6 else repr(names[:3])[:-1] + ", ..., " + repr(names[-1:])[1:]
 
 
 def prepare_data(model, train, val, config: TrainConfig):
@@ -30,7 +35,8 @@ def prepare_data(model, train, val, config: TrainConfig):
     if len(train.classes) != model.num_classes:
         raise DataError(
             f"the data has {len(train.classes)} classes but the model was built for {model.num_classes}; "
-            "build it with num_classes matching the data (or leave num_classes out of the config)"
+            f"build it for this data: engine.build(config, class_names={_shown(train.classes)}) or "
+            f"engine.build(config, num_classes={len(train.classes)}) (a num_classes in the config must match too)"
         )
     if model.class_names is None:
         model.class_names = list(train.classes)
@@ -57,14 +63,21 @@ def fit(
     encryption_key: bytes | None = None,
     **overrides,
 ) -> dict:
-    """Train ``model`` on ``train`` (any input ``load_dataset`` takes); returns the training history."""
+    """Train ``model`` on ``train`` (any input ``load_dataset`` takes); returns the training history.
+
+    ``history["phase_seconds"]`` holds the wall time of every phase (``data``: loading and splitting;
+    ``finetune``; ``extraction``: the branches' and the handcrafted features, cached or not; ``head``:
+    head training and its validation score; ``baselines``: fitting the probes; ``other``: the rest),
+    adding up to ``history["seconds"]``, the whole call."""
+    clock = PhaseClock()
     config = train_config(config, **overrides)
     seed_everything(config.seed)
     device = resolve_device(config.device)
+    clock.lap(None)  # options and device: part of "other"
     train_ds, val_ds = prepare_data(model, train, val, config)
     cache = FeatureCache(cache_dir, enabled=use_cache, runtime=config.extract_runtime)
     history: dict = {"mode": config.mode, "n_train": len(train_ds), "n_val": len(val_ds), "config": config.model_dump()}
-    start = time.perf_counter()
+    clock.lap("data")
     if config.mode == "finetune":
         from fusion_engine.training.finetune import finetune
 
@@ -82,6 +95,7 @@ def fit(
                 encryption_key=encryption_key,
             )
         )
+        clock.lap("finetune")
     model.to(device)
     train_feats = cache.features(
         model, train_ds, batch_size=config.batch_size, num_workers=config.num_workers, device=device, progress=progress
@@ -94,8 +108,11 @@ def fit(
         if history["rank"] != 0:
             return history
     history["extract_seconds"] = round(cache.stats["extract_seconds"], 3)
-    history["cache"] = dict(cache.stats)
-    head_start = time.perf_counter()
+    history["cache"] = dict(cache.stats)  # the branches' features (the handcrafted ones are not counted)
+    if config.baselines:  # extracted with the rest, so that "baselines" below is only fitting
+        train_hand = np.asarray(handcrafted_for(train_ds, cache, progress=progress))
+        val_hand = np.asarray(handcrafted_for(val_ds, cache, progress=progress))
+    clock.lap("extraction")
     seed_everything(config.seed)  # extraction draws random numbers only on a cache miss: same start either way
     if config.mode == "frozen":
         y, y_val = train_ds.targets, val_ds.targets
@@ -103,37 +120,48 @@ def fit(
             model.fusion.fit([np.asarray(f) for f in train_feats], y)
             history["epochs"] = []
         else:
-            history["epochs"] = train_head(model.fusion, train_feats, y, val_feats, y_val, config, device, log)
-    history["head_seconds"] = round(time.perf_counter() - head_start, 3)
+            history["epochs"] = train_head(
+                model.fusion, train_feats, y, val_feats, y_val, config, device, log, progress=progress
+            )
     val_pred = logits_from_features(model.fusion, val_feats, device=device).argmax(1)
     history["val_accuracy"] = float((val_pred == val_ds.targets).mean())
+    history["head_seconds"] = round(clock.lap("head"), 3)
     if config.baselines:
         baselines = Baselines([b.feature_dim for b in model.branches], model.num_classes)
-        train_hand = handcrafted_for(train_ds, cache)
-        val_hand = handcrafted_for(val_ds, cache)
         scores = fit_baselines(
             baselines,
             [np.asarray(f) for f in train_feats],
             train_ds.targets,
             [np.asarray(f) for f in val_feats],
             val_ds.targets,
-            np.asarray(train_hand),
-            np.asarray(val_hand),
+            train_hand,
+            val_hand,
             seed=config.seed,
+            names=list(model.branch_names),
+            progress=progress,
         )
         model.baselines = baselines
         history["baselines_val_accuracy"] = {
             **{name: scores[f"branch{i}"] for i, name in enumerate(model.branch_names)},
             "handcrafted": scores["handcrafted"],
         }
-    history["seconds"] = round(time.perf_counter() - start, 3)
+        clock.lap("baselines")
+    else:
+        model.baselines = None  # no probes from an earlier fit beside a head they were not fitted with
+    total = clock.total
+    history["phase_seconds"] = clock.breakdown(total)
+    history["seconds"] = round(total, 3)
     model.history = history
+    model.fitted = True
     model.to("cpu")
     return history
 
 
-def train_head(head, train_feats, y, val_feats, y_val, config: TrainConfig, device, log=print) -> list[dict]:
-    """AdamW with cosine decay on cached features; early stopping keeps the best validation epoch."""
+def train_head(
+    head, train_feats, y, val_feats, y_val, config: TrainConfig, device, log=print, progress: bool = False
+) -> list[dict]:
+    """AdamW with cosine decay on cached features; early stopping keeps the best validation epoch.
+    ``progress``: a bar over the epochs with the validation accuracy."""
     head.to(device)
     optimizer = torch.optim.AdamW(
         [p for p in head.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
@@ -143,6 +171,7 @@ def train_head(head, train_feats, y, val_feats, y_val, config: TrainConfig, devi
     generator = torch.Generator().manual_seed(config.seed)
     best, best_state, stale, epochs = -1.0, None, 0, []
     batch_size = min(config.head_batch_size, max(16, len(y_t) // 20))  # at least ~20 steps per epoch
+    bar = Progress(config.epochs, "head training", progress, unit="epoch")
     for epoch in range(config.epochs):
         head.train()
         order = torch.randperm(len(y_t), generator=generator).numpy()
@@ -164,7 +193,9 @@ def train_head(head, train_feats, y, val_feats, y_val, config: TrainConfig, devi
             best, best_state, stale = val_acc, state_tensors(head), 0
         else:
             stale += 1
-            if stale >= config.patience:
-                break
+        bar.update(1, val_accuracy=val_acc, best=best)
+        if stale >= config.patience:
+            break
+    bar.close()  # early stopping ends the phase before the last epoch
     head.load_state_dict(best_state)
     return epochs

@@ -1,4 +1,4 @@
-"""Classification metrics and their plain-text table."""
+"""Classification metrics, their 95% intervals and their plain-text table."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
     }
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``n`` (95% with ``z=1.96``).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0% or 100%; (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def format_report(report: dict) -> str:
