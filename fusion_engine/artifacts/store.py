@@ -180,7 +180,8 @@ def _components(model) -> list[ComponentRecord]:
     return records
 
 
-def _versions() -> dict[str, str]:
+def installed_versions() -> dict[str, str]:
+    """fusion-engine, torch, timm and Python as installed here (recorded in every manifest)."""
     return {
         "fusion_engine": __version__,
         "torch": torch.__version__,
@@ -219,7 +220,7 @@ def save(model, folder, *, metrics: dict | None = None, encryption_key: bytes | 
             files={MODEL_FILE: sha256_file(tmp / MODEL_FILE)},
             metrics=metrics or model.metrics,
             history=model.history,
-            versions=_versions(),
+            versions=installed_versions(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         raw = json.dumps(manifest.model_dump(), indent=2, default=str).encode("utf-8")

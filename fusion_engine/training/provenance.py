@@ -4,26 +4,12 @@ weights, the plugins that offered its components, its signature and the versions
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-import timm
-import torch
-
 from fusion_engine.artifacts.manifest import SIGNATURE_FILE, read_manifest
+from fusion_engine.artifacts.store import installed_versions
 from fusion_engine.errors import ArtifactError
 from fusion_engine.training.feature_cache import tensors_digest
-from fusion_engine.version import __version__
-
-
-def current_versions() -> dict[str, str]:
-    """fusion-engine, torch, timm and Python as installed here."""
-    return {
-        "fusion_engine": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def provenance(model, run_dir=None, *, verified: bool = False) -> dict:
@@ -73,7 +59,7 @@ def provenance(model, run_dir=None, *, verified: bool = False) -> dict:
         "compression": [step["method"] for step in model.compression],
         "created": manifest.created if manifest is not None else "",
         "saved_with": dict(manifest.versions) if manifest is not None else {},
-        "run_with": current_versions(),
+        "run_with": installed_versions(),
     }
 
 
