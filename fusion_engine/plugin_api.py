@@ -6,10 +6,12 @@ it. Everything else in the package may change between releases without notice.
 
 - ``hookimpl``: marks a plugin's hook implementations (``register_backbones`` and friends).
 - The error types a component raises for bad options, data or weights.
-- Safe weight loading: ``load_weights_file`` (safetensors, or torch files with ``weights_only``)
-  and ``state_mismatch`` (which tensors are missing, unexpected or of another shape).
-- The local weights index: ``find_weights_entry``, ``weights_dirs``, ``WEIGHTS_ENV_VAR``;
-  ``hub_reachable`` says whether hub weights can be fetched now.
+- Safe weight loading: ``load_weights_file`` (safetensors, or torch files with ``weights_only``;
+  with ``sha256=``, the bytes are verified before they are parsed) and ``state_mismatch`` (which
+  tensors are missing, unexpected or of another shape).
+- The weights index (``--weights-dir`` folders, then weights shipped by installed packages):
+  ``find_weights_entry``, ``weights_entries``, ``indexed_timm_model``, ``weights_dirs``,
+  ``WEIGHTS_ENV_VAR``; ``hub_reachable`` says whether hub weights can be fetched now.
 - Handcrafted features (HOG, colour histogram, LBP) and ``LinearProbe``, a logistic regression
   fitted by scikit-learn and kept as a torch module.
 - ``suggest``: the "(did you mean ...?)" hint for an unknown name.
@@ -26,7 +28,9 @@ from fusion_engine.core.handcrafted import (
 from fusion_engine.core.hub import hub_reachable
 from fusion_engine.core.probes import LinearProbe
 from fusion_engine.core.weights_index import ENV_VAR as WEIGHTS_ENV_VAR
+from fusion_engine.core.weights_index import all_entries as weights_entries
 from fusion_engine.core.weights_index import find_entry as find_weights_entry
+from fusion_engine.core.weights_index import timm_model as indexed_timm_model
 from fusion_engine.core.weights_index import weights_dirs
 from fusion_engine.errors import ConfigError, DataError, FusionEngineError, PluginError, WeightsError, suggest
 from fusion_engine.hookspecs import hookimpl
@@ -41,6 +45,8 @@ __all__ = [
     "load_weights_file",
     "state_mismatch",
     "find_weights_entry",
+    "weights_entries",
+    "indexed_timm_model",
     "weights_dirs",
     "WEIGHTS_ENV_VAR",
     "hub_reachable",

@@ -307,6 +307,7 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
     index["not_timm.v1"] = {"architecture": "something else", "file": "missing.safetensors"}
     (weights / "index.json").write_text(json.dumps(index))
     monkeypatch.setenv("FUSION_ENGINE_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("FUSION_ENGINE_DISABLE_PLUGINS", "fusion-engine-weights")  # its weights would be candidates
     assert [c["weights"] for c in load_candidates(None)[0]] == list(index)
     assert load_candidates(None, [{"name": "hog"}])[0][-1] == {"name": "hog"}  # extras follow the index
     train, test = digits
@@ -367,7 +368,7 @@ def test_saved_config_reproduces_the_winner(tmp_path, digits, monkeypatch, capsy
     assert first.history["search"]["winner"] == board["winner"]  # the leaderboard is in the manifest
 
 
-def test_candidates_file_forms(tmp_path):
+def test_candidates_file_forms(tmp_path, monkeypatch):
     (tmp_path / "list.json").write_text(json.dumps(["timm:resnet18", {"name": "timm", "model": "resnet34"}]))
     specs, fusions = load_candidates(tmp_path / "list.json")
     assert len(specs) == 2 and fusions is None
@@ -375,6 +376,7 @@ def test_candidates_file_forms(tmp_path):
     assert specs == ["hog"] and fusions == {"concat": DEFAULT_GRID["concat"], "gated": [{"dim": 64}]}
     with pytest.raises(Exception, match="unknown key"):
         load_candidates({"backbone": []})
+    monkeypatch.setenv("FUSION_ENGINE_DISABLE_PLUGINS", "fusion-engine-weights")  # no weights package either
     with pytest.raises(Exception, match="no candidate backbones"):
         load_candidates(None)  # no weights folder configured
     with pytest.raises(pydantic.ValidationError):

@@ -76,6 +76,7 @@ def test_local_weights_give_the_same_features_as_timm(engine, mobilenet_file):
 
 def test_weights_by_index_name(engine, shared_dir, mobilenet_file, monkeypatch):
     config = {"backbones": [{"name": "timm", "weights": MOBILENET}], "num_classes": 2}
+    monkeypatch.setenv("FUSION_ENGINE_DISABLE_PLUGINS", "fusion-engine-weights")  # which ships these weights too
     with pytest.raises(WeightsError, match=r"not a name in the index\.json.*FUSION_ENGINE_WEIGHTS_DIR"):
         engine.build(config)  # no weights folder configured
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import stat
@@ -103,10 +104,11 @@ def check_folder(folder, expected: dict[str, str], allowed_extra: tuple[str, ...
             )
 
 
-def load_torch_weights(path) -> dict[str, torch.Tensor]:
-    """Read a torch checkpoint with the weights-only unpickler: tensors and plain containers, never code."""
+def load_torch_weights(path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """Read a torch checkpoint (``path``, or ``data`` read from it) with the weights-only unpickler: tensors
+    and plain containers, never code."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # raised by the weights-only unpickler before anything runs
         # torch names the GLOBAL (callable) a payload imports; other failures are garbage, not code
         what = "it holds code, not only tensors" if "GLOBAL" in str(e) else "it is not a plain tensor checkpoint"
@@ -140,13 +142,27 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
     return parse_safetensors(data, path)
 
 
-def load_weights_file(path) -> dict[str, torch.Tensor]:
-    """Read a weights file, choosing the reader by its extension."""
+def load_weights_file(path, *, sha256: str | None = None, recorded_in: str = "") -> dict[str, torch.Tensor]:
+    """Read a weights file, choosing the reader by its extension. With ``sha256`` (an index records it), the
+    file is read once and its bytes must have that digest before they are parsed; a mismatch is a
+    WeightsError naming the file and ``recorded_in`` (where the digest comes from, and the fix)."""
     suffix = Path(path).suffix.lower()
+    data = None
+    if sha256 is not None and suffix in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise WeightsError(f"weights file {path} cannot be read: {e}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256.strip().lower():
+            raise WeightsError(
+                f"weights file {path} is corrupted or was replaced: its sha256 {actual} differs from "
+                f"{sha256} recorded in {recorded_in or 'its index'}"
+            )
     if suffix in SAFETENSORS_SUFFIXES:
-        return load_safetensors(path)
+        return load_safetensors(path) if data is None else parse_safetensors(data, path)
     if suffix in TORCH_SUFFIXES:
-        return load_torch_weights(path)
+        return load_torch_weights(path, data)
     supported = ", ".join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
     raise WeightsError(f"{path}: unsupported weights format {suffix or '(no extension)'!r}; supported: {supported}")
 

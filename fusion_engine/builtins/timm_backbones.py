@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -19,10 +18,11 @@ from fusion_engine.plugin_api import (
     find_weights_entry,
     hookimpl,
     hub_reachable,
+    indexed_timm_model,
     load_weights_file,
     state_mismatch,
     suggest,
-    weights_dirs,
+    weights_entries,
 )
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -72,29 +72,25 @@ def _offline_error(model_name: str) -> WeightsError:
 
 
 def _indexed_weights_for(model: str) -> str | None:
-    """The name of the first entry of the local weights index (--weights-dir folders in order) holding
-    weights for timm model ``model`` (its ``architecture`` is ``timm:MODEL``, or its name is ``model``)."""
-    for folder in weights_dirs():
-        try:
-            entries = json.loads((folder / "index.json").read_text())
-        except (OSError, ValueError):  # no index there, or a broken one (naming it fails with a clear error)
-            continue
-        for name, entry in entries.items() if isinstance(entries, dict) else ():
-            if not isinstance(entry, dict) or "file" not in entry:
-                continue
-            try:
-                indexed = _indexed_model_name(name, str(entry.get("architecture", "")))
-            except ConfigError:
-                continue
-            found = find_weights_entry(name)
-            if (indexed == model or name == model) and found and Path(found["path"]).is_file():
-                return name
+    """The name of the first entry of the weights index (--weights-dir folders in order, then weights shipped by
+    installed packages) holding weights for timm model ``model`` (built as ``model``, or named ``model``)."""
+    try:
+        entries = weights_entries()
+    except WeightsError:  # a broken index.json (naming it fails with a clear error)
+        return None
+    for name, entry in entries.items():
+        if (indexed_timm_model(name, entry) == model or name == model) and Path(entry["path"]).is_file():
+            return name
     return None
 
 
-def _load_local(model: nn.Module, path: str) -> None:
-    """Load a local state dict (classifier dropped) strictly; mismatches name the keys."""
-    state = load_weights_file(path)
+def _load_local(model: nn.Module, path: str, entry: dict | None = None) -> None:
+    """Load a local state dict (classifier dropped) strictly; mismatches name the keys. An index ``entry``'s
+    sha256, when it has one, is checked on the bytes read (a mismatch names the file and the index)."""
+    if entry is not None and entry.get("sha256"):
+        state = load_weights_file(path, sha256=str(entry["sha256"]), recorded_in=entry.get("recorded_in", ""))
+    else:
+        state = load_weights_file(path)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     classifier = model.pretrained_cfg.get("classifier") or ()
@@ -168,11 +164,9 @@ def _width_variant(model: str) -> float | None:
 
 def _indexed_model_name(weights: str, architecture: str) -> str:
     """The timm model an index entry is for: ``timm:NAME``, or a width variant named by the weights."""
-    if architecture.startswith("timm:"):
-        return architecture.split(":", 1)[1]
-    base = weights.split(".", 1)[0]
-    if architecture.startswith("timm ") and _width_variant(base):
-        return base
+    model = indexed_timm_model(weights, {"architecture": architecture})
+    if model:
+        return model
     raise ConfigError(f"weights '{weights}' are for '{architecture}', not a timm model fusion-engine can build")
 
 
@@ -215,8 +209,8 @@ def _pretrained_net(model: str, model_kwargs: dict, cached: str) -> nn.Module:
 
 def _random_init_reason(model: str, hub_weights: bool) -> str:
     if not hub_weights:
-        return f"timm publishes none for '{model}' and no --weights-dir index entry has them"
-    return "the hub cannot be reached; they are in neither its local cache nor a --weights-dir index"
+        return f"timm publishes none for '{model}' and no weights index entry (--weights-dir, weights package) has them"
+    return "the hub cannot be reached; they are in neither its local cache nor a weights index (--weights-dir, package)"
 
 
 def timm_backbone(
@@ -232,9 +226,10 @@ def timm_backbone(
     """Build ``timm.create_model(model, num_classes=0)``; ``weights`` is a local file or an indexed name.
 
     ``pretrained`` (default: when weights can be had) takes pretrained weights from, in this order, the
-    local weights index (--weights-dir), the local hub cache, the hub; left out and none can be had, the
-    model is randomly initialised (``random_init_reason`` says why; ``Engine.build`` warns); ``True``
-    then raises ``WeightsError``; ``False`` asks for random weights.
+    weights index (--weights-dir folders, then installed weights packages; the file's recorded sha256 is
+    checked), the local hub cache, the hub; left out and none can be had, the model is randomly
+    initialised (``random_init_reason`` says why; ``Engine.build`` warns); ``True`` then raises
+    ``WeightsError``; ``False`` asks for random weights.
     """
     import timm
     from timm.data import resolve_model_data_config
@@ -275,7 +270,8 @@ def timm_backbone(
     if weights and entry is None and not Path(weights).is_file():
         raise WeightsError(
             f"weights file {weights} does not exist, and '{weights}' is not a name in the "
-            f"index.json of a folder given by --weights-dir / {WEIGHTS_ENV_VAR}"
+            f"index.json of a folder given by --weights-dir / {WEIGHTS_ENV_VAR}, nor of an installed weights "
+            f"package (fusion-engine list shows the weights it can find)"
         )
     if entry is not None:
         source = f"index:{weights}"
@@ -293,7 +289,7 @@ def timm_backbone(
     if weights:
         if not Path(weights).is_file():
             raise WeightsError(f"weights file {weights} does not exist")
-        _load_local(net, weights)
+        _load_local(net, weights, entry)
         source = source or f"file:{weights}"
     config = dict(resolve_model_data_config(net))
     if input_size is not None:

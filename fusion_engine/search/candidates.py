@@ -57,8 +57,8 @@ def load_candidates(source=None, index_extras=()) -> tuple[list, dict[str, list[
 
     A file (JSON or YAML) holds a list of backbone specs, or ``{"backbones": [...],
     "fusions": ...}`` where ``fusions`` is a list of names or a dict name -> list of option
-    dicts. ``None`` (or no ``backbones`` key): every entry of the local weights index
-    (``--weights-dir`` / ``FUSION_ENGINE_WEIGHTS_DIR``), as ``{"name": "timm", "weights": NAME}``,
+    dicts. ``None`` (or no ``backbones`` key): every entry of the weights index (``--weights-dir`` /
+    ``FUSION_ENGINE_WEIGHTS_DIR``, then installed weights packages), as ``{"name": "timm", "weights": NAME}``,
     followed by ``index_extras``.
     """
     if isinstance(source, (str, Path)):
@@ -75,7 +75,8 @@ def load_candidates(source=None, index_extras=()) -> tuple[list, dict[str, list[
         if not source:
             raise ConfigError(
                 f"no candidate backbones: give a candidates file (--candidates) or a weights folder "
-                f"with an index.json (--weights-dir / {ENV_VAR})"
+                f"with an index.json (--weights-dir / {ENV_VAR}), or install a weights package "
+                "(pip install ./plugins/fusion-engine-weights)"
             )
         source += list(index_extras)
     if not isinstance(source, list) or not source:
