@@ -408,6 +408,14 @@ def test_shipped_sample_photos_load_with_their_documented_classes_and_counts():
     assert f"`{digest}`" in readme and "Krizhevsky" in readme
 
 
+def test_the_shipped_test_part_can_be_named_as_the_cli_takes_it():
+    by_name, by_split = load_dataset("cifar10-sample:test"), load_dataset("cifar10-sample", split="test")
+    assert len(by_name) == 1000 and by_name.digest() == by_split.digest()
+    assert by_name.digest() != load_dataset("cifar10-sample:train").digest()
+    with pytest.raises(DataError, match="x_validation"):
+        load_dataset("cifar10-sample:validation")
+
+
 def test_shipped_sample_train_and_test_parts_share_no_image():
     with np.load(SAMPLES["cifar10-sample"], allow_pickle=False) as d:
         train = {hashlib.sha256(x.tobytes()).hexdigest() for x in d["x_train"]}

@@ -154,7 +154,7 @@ def load_dataset(source, *, classes: list[str] | None = None, split: str = "trai
 
     ``source`` is one of: ``"digits"`` (scikit-learn's 8x8 digits); ``"cifar10-sample"`` (3000 real
     photos shipped with the package, see ``core/samples/README.md``: ``split="train"`` 2000 images,
-    ``split="test"`` 1000 others); a folder with one
+    ``split="test"`` or the name ``"cifar10-sample:test"`` 1000 others); a folder with one
     sub-folder of images per class (class names = sorted sub-folder names); an ``.npz``
     with ``x`` and ``y`` (optional ``classes``), or with ``x_train, y_train, x_test, y_test``
     (``split`` picks one); a tuple ``(x, y)`` of arrays; a torch Dataset of ``(image, label)``
@@ -163,8 +163,9 @@ def load_dataset(source, *, classes: list[str] | None = None, split: str = "trai
     ``classes`` names the labels 0..K-1; for a folder it picks and orders the sub-folders.
     A string is a path unless it is ``"digits"``; write ``"./digits"`` for a folder of that name.
     """
-    if isinstance(source, str) and source in SAMPLES:
-        source = SAMPLES[source]
+    if isinstance(source, str) and source.partition(":")[0] in SAMPLES:
+        name, _, named_split = source.partition(":")
+        source, split = SAMPLES[name], named_split or split  # "cifar10-sample:test": the held-out part
     is_npz = isinstance(source, (str, Path)) and str(source).lower().endswith(".npz")
     if split != "train" and not is_npz:
         raise DataError(
