@@ -192,3 +192,13 @@ def state_mismatch(expected: dict, given: dict, *, dtypes: bool = True) -> str:
     if wrong:
         parts.append(f"{len(wrong)} of another shape or dtype (e.g. {'; '.join(wrong[:2])})")
     return "; ".join(parts)
+
+
+def read_small_file(path, limit: int) -> bytes:
+    """The bytes of ``path``, read at most ``limit`` + 1 at a time: a larger file (a sidecar or a
+    signature grown by tampering) is a ValueError instead of being read whole."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return raw

@@ -44,6 +44,7 @@ from torch import nn
 
 from fusion_engine.artifacts.atomic import atomic_write_text
 from fusion_engine.artifacts.compression import steps
+from fusion_engine.artifacts.safe_files import read_small_file
 from fusion_engine.artifacts.signing import _load_key, fingerprint
 from fusion_engine.errors import ArtifactError, ExportError
 from fusion_engine.version import __version__
@@ -181,11 +182,7 @@ def _unsigned_message(path, sig: Path) -> str:
 def _read_onnx_signature(path, sig: Path) -> tuple[str, str, bytes]:
     """(fingerprint, signed payload, signature) from ``FILE.onnx.sig``, or an ArtifactError."""
     try:
-        with open(sig, "rb") as f:
-            raw = f.read(MAX_SIGNATURE_BYTES + 1)
-        if len(raw) > MAX_SIGNATURE_BYTES:
-            raise ValueError(f"larger than {MAX_SIGNATURE_BYTES} bytes")
-        record = json.loads(raw)
+        record = json.loads(read_small_file(sig, MAX_SIGNATURE_BYTES))
         fields = [record["public_key_fingerprint"], record["signed"], record["signature"]]
         if record["algorithm"] != "ed25519" or not all(isinstance(f, str) for f in fields):
             raise ValueError("unexpected algorithm or field type")

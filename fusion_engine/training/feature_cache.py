@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 import fusion_engine.training.distributed as distributed
+from fusion_engine.artifacts.safe_files import read_small_file
 from fusion_engine.core.loader import make_loader
 from fusion_engine.core.network import input_size_for
 from fusion_engine.core.progress import Progress
@@ -202,11 +203,7 @@ class FeatureCache:
         if not meta_path.is_file():
             raise DamagedEntry(f"no sidecar {meta_path.name} (an entry of an older version, or an interrupted write)")
         try:
-            with open(meta_path, "rb") as f:
-                raw = f.read(MAX_SIDECAR_BYTES + 1)
-            if len(raw) > MAX_SIDECAR_BYTES:
-                raise ValueError(f"larger than {MAX_SIDECAR_BYTES} bytes")
-            meta = json.loads(raw)
+            meta = json.loads(read_small_file(meta_path, MAX_SIDECAR_BYTES))
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
