@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from fusion_engine.api.engine import Engine
 from fusion_engine.core.data import image_batch, load_dataset
 from fusion_engine.core.defaults import default_config
+from fusion_engine.core.input_size import sized_to_data
 from fusion_engine.core.network import input_size_for
 from fusion_engine.errors import ConfigError, DataError
 from fusion_engine.training.config import seed_everything
@@ -158,7 +159,10 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         images = image_batch(X, batch=True) if _is_array(X) else None  # an array is checked before anything is built
         options = self._train_options()
         seed_everything(self.seed)
-        model = Engine.from_plugins().build(self._config(), class_names=names)
+        config = self._config()
+        if images is not None:  # small images: the branches' input size follows them (core.input_size)
+            config = sized_to_data(config, load_dataset((images, targets), classes=names))
+        model = Engine.from_plugins().build(config, class_names=names)
         if images is None:  # a list: images of mixed sizes are resized to the model's input size
             images = image_batch(X, size=input_size_for(model), batch=True)
         data = load_dataset((images, targets), classes=names)

@@ -643,3 +643,9 @@ def test_num_classes_of_the_config_is_not_silently_overridden(ws, tmp_path, caps
     err = capsys.readouterr().err
     assert "error: the config says num_classes: 2, but the data has 4 classes" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_search_refuses_train_blocks_it_would_not_try(tmp_path, capsys):
+    code = main(["train", "--search", "--train-blocks", "1", "--data", "digits", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--search scores heads on frozen, cached features and does not try --train-blocks" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_option_value_rejected_by_the_factory_is_a_config_error(engine):
 
 def test_validate_fills_in_defaults(engine):
     config = engine.validate({"backbones": ["timm:test_resnet"], "fusion": {"name": "gated", "dim": 32}})
-    assert config.fusion.options == {"dim": 32, "dropout": 0.1, "activation": "gelu"}
+    assert config.fusion.options == {"dim": 32, "dropout": 0.2, "activation": "gelu"}
     assert config.backbones[0].extractor.name == "avg"
     assert config.backbones[0].options["pretrained"] is None  # pretrained when weights can be had
     assert config.backbones[0].options["model"] == "test_resnet"

@@ -17,6 +17,7 @@ from fusion_engine.core.data import (
     ImageDataset,
     collate_images,
     load_dataset,
+    own_test_source,
     stratified_split,
     to_float_images,
 )
@@ -422,6 +423,28 @@ def test_shipped_sample_train_and_test_parts_share_no_image():
         test = {hashlib.sha256(x.tobytes()).hexdigest() for x in d["x_test"]}
         assert not set(d["source_index_train"].tolist()) & set(d["source_index_test"].tolist())
     assert len(test) == 1000 and not train & test
+
+
+def test_the_cli_holds_out_the_test_part_a_source_carries(tmp_path):
+    import argparse
+
+    from fusion_engine.cli.common import load_train_test
+
+    def parts(data, **options):
+        args = argparse.Namespace(data=data, data_test=None, test_fraction=0.25, seed=0, **options)
+        _, train, test = load_train_test(args, log=lambda *a: None)
+        return train, test
+
+    train, test = parts("cifar10-sample")  # the default of fusion-engine train
+    assert (len(train), len(test)) == (2000, 1000)
+    assert test.digest() == load_dataset("cifar10-sample:test").digest()
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    y = np.arange(40) % 2
+    np.savez(tmp_path / "split.npz", x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    np.savez(tmp_path / "one.npz", x=x, y=y)
+    assert [len(p) for p in parts(str(tmp_path / "split.npz"))] == [30, 10]
+    assert [len(p) for p in parts(str(tmp_path / "one.npz"))] == [30, 10]  # no test part: a stratified split
+    assert own_test_source("digits") is None and own_test_source(str(tmp_path / "missing.npz")) is None
 
 
 def test_an_unknown_dataset_name_suggests_the_shipped_ones():

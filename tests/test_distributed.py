@@ -67,14 +67,14 @@ def test_sharded_extraction_matches_single_process(tmp_path):
     torch.manual_seed(3)
     dataset = load_dataset(data)
     model = Engine.from_plugins().build(CONFIG, class_names=dataset.classes)
-    shared = FeatureCache(cache)
+    shared = FeatureCache(cache, runtime="auto")  # train's default runtime; its graphs are in the cache folder
     from fusion_engine.core.data import stratified_split
 
     train, test = stratified_split(dataset, 0.2, 3)
     cached = shared.features(model, test, progress=False)
     assert shared.stats == {"hits": 2, "extracted": 0, "extract_seconds": 0.0}
     # ... and its features equal a fresh single-process extraction
-    fresh = FeatureCache(enabled=False).features(model, test, progress=False)
+    fresh = FeatureCache(cache, enabled=False, runtime="auto").features(model, test, progress=False)
     for a, b in zip(cached, fresh):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
 

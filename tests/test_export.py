@@ -136,7 +136,7 @@ def test_failed_parity_is_loud_and_writes_nothing(exported, engine, tmp_path, mo
     run, onnx_file = exported
     model = load(run, engine=engine)
     with torch.no_grad():  # the graph written is the original model's; torch now computes something else
-        model.fusion.head[-1].bias.add_(1.0 * torch.arange(10))
+        model.fusion.concat.head[-1].bias.add_(1.0 * torch.arange(10))
     monkeypatch.setattr(
         export, "_export_graph", lambda module, path, example, names, opset=18: shutil.copy(onnx_file, path)
     )

@@ -158,13 +158,14 @@ def test_extraction_runtimes_give_the_features_of_torch_under_their_own_cache_ke
     again = FeatureCache(tmp_path, runtime=runtime)
     again.features(model, part, batch_size=16, progress=False)
     assert again.stats["hits"] == 2 and len(list(tmp_path.glob("*.npy"))) == 4
-    if runtime == "onnx":  # another dataset through the same cache object: the exported graph is reused
+    if runtime == "onnx":  # another dataset through the same cache object: the exported graphs are reused
         cache.features(model, digits_split[1].subset(list(range(20))), batch_size=16, progress=False)
-        assert cache.stats["extracted"] == 4 and len(cache.onnx_runners) == 1
+        assert cache.stats["extracted"] == 4 and len(cache.sessions) == 2  # one per branch
+        assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2
 
 
 def test_unknown_extraction_runtime_lists_the_valid_ones(model, digits_split):
-    with pytest.raises(ConfigError, match="unknown extraction runtime 'tpu'; valid: torch, bf16, onnx"):
+    with pytest.raises(ConfigError, match="unknown extraction runtime 'tpu'; valid: auto, torch, bf16, onnx, int8"):
         FeatureCache(enabled=False, runtime="tpu")
     with pytest.raises(ConfigError, match="'onnx' runs on the CPU, not on cuda"):
         FeatureCache(enabled=False, runtime="onnx").features(

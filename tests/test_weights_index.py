@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from fusion_engine import Engine, WeightsError
 from fusion_engine.core import weights_index
-from fusion_engine.core.defaults import HUB_BACKBONES, default_config
+from fusion_engine.core.defaults import HUB_BACKBONES, build_default, default_config
 from fusion_engine.errors import RandomInitWarning
 
 DIST = "fake-weights-shipper"
@@ -162,6 +162,27 @@ def test_default_config_falls_back_to_hub_backbones_without_weights(monkeypatch,
     assert "pip install ./plugins/fusion-engine-weights" in note
     with pytest.warns(RandomInitWarning, match="RANDOMLY INITIALISED"):  # offline: the warning path
         engine.build({"backbones": config["backbones"][2:3], "num_classes": 2})  # resnet18, not in the cache
+
+
+def test_the_default_leaves_out_branches_that_could_only_be_random(ship, engine):
+    ship()
+    random_branch = {"name": "timm", "model": "test_efficientnet"}  # offline, in no index: random weights
+    config = {"backbones": [random_branch, {"name": "timm", "weights": NAME}], "fusion": "concat"}
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomInitWarning)  # dropped, so not warned about
+        model = build_default(engine, config, ["a", "b"], lines.append)
+    assert [b.backbone.pretrained_source for b in model.branches] == [f"index:{NAME}"]
+    assert len(lines) == 1 and "timm:test_efficientnet" in lines[0] and "left out" in lines[0]
+    assert "pip install ./plugins/fusion-engine-weights" in lines[0]
+
+
+def test_the_default_keeps_random_branches_when_no_other_is_left(engine):
+    lines = []
+    config = {"backbones": [{"name": "timm", "model": "test_efficientnet"}], "fusion": "concat"}
+    with pytest.warns(RandomInitWarning, match="RANDOMLY INITIALISED"):
+        model = build_default(engine, config, ["a", "b"], lines.append)
+    assert len(model.branches) == 1 and lines == []
 
 
 def test_list_shows_shipped_weights_with_their_package(ship, capsys):

@@ -141,6 +141,34 @@ class TimmBackbone(nn.Module):
         named = dict(self.model.named_parameters())
         return [[named[n] for n in groups[k]] for k in sorted(groups)]
 
+    def split(self, blocks: int) -> tuple[nn.Module, nn.Module]:
+        """``(trunk, top)`` sharing this backbone's modules, with ``top(trunk(x))`` equal to ``self(x)``: ``top``
+        is the last ``blocks`` stages (plus the head convolution that follows them in EfficientNets).
+        ConfigError for architectures whose split is not known here."""
+        from timm.models.efficientnet import EfficientNet
+        from timm.models.mobilenetv3 import MobileNetV3
+        from timm.models.resnet import ResNet
+
+        m = self.model
+        if isinstance(m, (EfficientNet, MobileNetV3)):  # stem, blocks (a Sequential of stages)[, conv_head, bn2]
+            stem, stages = [m.conv_stem, m.bn1], list(m.blocks)
+            tail = [m.conv_head, m.bn2] if isinstance(m, EfficientNet) else []
+        elif isinstance(m, ResNet):
+            stem, stages, tail = [m.conv1, m.bn1, m.act1, m.maxpool], [m.layer1, m.layer2, m.layer3, m.layer4], []
+        else:
+            raise ConfigError(
+                f"cannot train the top blocks of timm model '{self.rebuild_options['model']}' "
+                f"({type(m).__name__}): the trunk/top split is known for EfficientNet-family models (MobileNetV1/V2, "
+                "EfficientNet, MixNet, ...), MobileNetV3 and ResNets; train this branch frozen (--train-blocks 0) "
+                "or fine-tune it (--mode finetune --unfreeze N)"
+            )
+        if not 1 <= blocks <= len(stages):
+            raise ConfigError(
+                f"--train-blocks {blocks}: timm model '{self.rebuild_options['model']}' has {len(stages)} stages; "
+                f"choose 0 to {len(stages)}"
+            )
+        return nn.Sequential(*stem, *stages[: len(stages) - blocks]), nn.Sequential(*stages[-blocks:], *tail)
+
     def _as_nchw(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 3, 1, 2) if self.channels_last_output and x.dim() == 4 else x
 
@@ -219,6 +247,7 @@ def timm_backbone(
     weights: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     input_size: int | list[int] | None = None,
+    max_input_size: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
     interpolation: str | None = None,
@@ -230,6 +259,9 @@ def timm_backbone(
     checked), the local hub cache, the hub; left out and none can be had, the model is randomly
     initialised (``random_init_reason`` says why; ``Engine.build`` warns); ``True`` then raises
     ``WeightsError``; ``False`` asks for random weights.
+
+    ``input_size`` replaces the model's own; without it, ``max_input_size`` caps the model's own (side in
+    px; ``fusion-engine train`` sets it from the data's image size, see ``core.input_size``).
     """
     import timm
     from timm.data import resolve_model_data_config
@@ -292,6 +324,8 @@ def timm_backbone(
         _load_local(net, weights, entry)
         source = source or f"file:{weights}"
     config = dict(resolve_model_data_config(net))
+    if input_size is None and max_input_size is not None and max(config["input_size"][-2:]) > max_input_size:
+        input_size = max_input_size
     if input_size is not None:
         size = [input_size] * 2 if isinstance(input_size, int) else list(input_size)[-2:]
         config["input_size"] = (config["input_size"][0], *size)

@@ -25,7 +25,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="inference speed and memory of a saved model, per runtime")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument(
-        "--runtime", action="append", help=f"{', '.join(RUNTIMES)} (repeatable; default: torch, channels_last, bf16)"
+        "--runtime",
+        action="append",
+        help=f"{', '.join(RUNTIMES)} (repeatable; default: torch, channels_last, bf16; int8 calibrates on --data)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--iterations", type=int, default=20)

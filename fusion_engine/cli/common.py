@@ -7,9 +7,10 @@ import sys
 
 from fusion_engine.api.engine import Engine, load
 from fusion_engine.artifacts.encryption import load_key
-from fusion_engine.core.data import load_dataset, stratified_split
+from fusion_engine.core.data import load_dataset, own_test_source, stratified_split
 from fusion_engine.core.weights_index import ENV_VAR
 from fusion_engine.training.config import train_config
+from fusion_engine.training.views import view_options
 
 
 def engine() -> Engine:
@@ -70,6 +71,7 @@ def train_config_from(args):
             lr=args.lr,
             backbone_lr=args.backbone_lr,
             unfreeze=args.unfreeze,
+            train_blocks=getattr(args, "train_blocks", None),
             augment=not args.no_augment,
             mixup=args.mixup,
             cutmix=args.cutmix,
@@ -79,15 +81,20 @@ def train_config_from(args):
             val_fraction=args.val_fraction,
             extract_runtime=args.extract_runtime,
             baselines=False if getattr(args, "no_baselines", False) else None,
+            **view_options(getattr(args, "views", None)),
         )
     )
 
 
 def load_train_test(args, log, training_note: str = "") -> tuple:
-    """``--data`` and its held-out part: ``--data-test``, else a seeded stratified split of ``--data``."""
+    """``--data`` and its held-out part: ``--data-test``, else the test part ``--data`` carries (a shipped
+    sample's, an .npz's x_test/y_test), else a seeded stratified split of ``--data``."""
     data = load_dataset(args.data)
+    own_test = own_test_source(args.data)
     if args.data_test:
         train_data, test_data = data, load_dataset(args.data_test)
+    elif own_test is not None:
+        train_data, test_data = data, load_dataset(own_test, split="test")
     else:
         train_data, test_data = stratified_split(data, args.test_fraction, args.seed)
     log(

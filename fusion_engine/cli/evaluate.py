@@ -8,7 +8,7 @@ import json
 from fusion_engine.artifacts.atomic import atomic_write_bytes
 from fusion_engine.cli.common import add_key_options, load_run_dir, report_summary
 from fusion_engine.errors import ConfigError
-from fusion_engine.training.feature_cache import FeatureCache
+from fusion_engine.training.feature_cache import EXTRACT_RUNTIMES, FeatureCache
 from fusion_engine.training.report import report_path, write_report
 from fusion_engine.training.report_images import confusion_matrix_chart
 
@@ -21,6 +21,13 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="image folder, .npz file or 'digits'")
     p.add_argument("--cache-dir")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument(
+        "--extract-runtime",
+        choices=EXTRACT_RUNTIMES,
+        default="auto",
+        help="feature extraction: auto (default: onnx on the CPU when its graphs pass the check against torch), "
+        "torch, bf16, onnx or int8; the runtime train used hits the features it cached for the same images",
+    )
     p.add_argument(
         "--report",
         metavar="PATH",
@@ -40,7 +47,7 @@ def run(args) -> int:
     model = load_run_dir(args)
     report = model.evaluate(
         args.data,
-        cache=FeatureCache(args.cache_dir, enabled=not args.no_cache),
+        cache=FeatureCache(args.cache_dir, enabled=not args.no_cache, runtime=args.extract_runtime),
         progress=not args.quiet and not args.json,
     )
     written = {}

@@ -7,7 +7,7 @@ import json
 from fusion_engine.artifacts.manifest import read_manifest
 from fusion_engine.cli.common import add_key_options, load_run_dir
 from fusion_engine.errors import ExportError
-from fusion_engine.runtime.export import TOLERANCE, export_onnx
+from fusion_engine.runtime.export import INT8_MIN_AGREEMENT, TOLERANCE, export_onnx
 
 
 def add_parser(sub) -> None:
@@ -29,6 +29,16 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--check-images", type=int, default=64, help="how many images the parity check uses")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="max abs probability difference allowed")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantise the graph to static int8 (onnxruntime.quantization), calibrated on --calibration-data; "
+        f"written only if its top-1 agrees with torch's on at least {INT8_MIN_AGREEMENT:.0%} of the check images",
+    )
+    p.add_argument(
+        "--calibration-data",
+        help="with --int8: images to calibrate on (folder, .npz or cifar10-sample; a few hundred training images)",
+    )
     add_key_options(p)
     p.add_argument(
         "--sign-key",
@@ -64,15 +74,21 @@ def run(args) -> int:
         tolerance=args.tolerance,
         source={"run_dir": str(args.run_dir), "files": manifest.files},
         signing_key=args.sign_key,
+        int8=args.int8,
+        calibration_data=args.calibration_data,
     )
     if args.json:
         print(json.dumps(result))
     else:
+        limit = (
+            f"int8, calibrated on {result['calibration_data']}; top-1 agreement needed {INT8_MIN_AGREEMENT}"
+            if result.get("int8")
+            else f"tolerance {result['tolerance']:g}"
+        )
         print(
             f"wrote {result['path']}: input {result['input']['shape']} float32 in [0, 1]; "
             f"checked on {result['images']} images from {result['check_data']}: max abs probability difference "
-            f"{result['max_abs_diff']:.2e} (tolerance {result['tolerance']:g}), top-1 agreement "
-            f"{result['top1_agreement']:.3f}"
+            f"{result['max_abs_diff']:.2e} ({limit}), top-1 agreement {result['top1_agreement']:.3f}"
         )
         if "signature" in result:
             print(f"signed {result['signature']} (key fingerprint {result['signed_by']})")

@@ -67,6 +67,11 @@ def run_search(args) -> int:
             "--search works on frozen, cached features; train the chosen config with --mode finetune "
             "afterwards (fusion-engine train --config RUN_DIR.config.json --mode finetune)"
         )
+    if getattr(args, "train_blocks", None):
+        raise ConfigError(
+            "--search scores heads on frozen, cached features and does not try --train-blocks; train the chosen "
+            "config with it afterwards (fusion-engine train --config RUN_DIR.config.json --train-blocks K)"
+        )
     data, train_data, test_data = load_train_test(args, log, " (the search sees only these)")
     train_config = train_config_from(args)  # --mode finetune was refused above
     search_overrides = given(

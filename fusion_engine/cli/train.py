@@ -23,7 +23,8 @@ from fusion_engine.cli.common import (
 from fusion_engine.cli.common import engine as make_engine
 from fusion_engine.cli.search import add_search_options, run_search
 from fusion_engine.core.config import load_config_file
-from fusion_engine.core.defaults import default_config
+from fusion_engine.core.defaults import build_default, default_config
+from fusion_engine.core.input_size import sized_to_data
 from fusion_engine.core.progress import PhaseClock, format_phases
 from fusion_engine.errors import ConfigError
 from fusion_engine.training.feature_cache import FeatureCache
@@ -35,9 +36,20 @@ from fusion_engine.training.report import write_report_beside
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a fused model and evaluate it beside its baselines")
     p.add_argument("--config", help="fused-model config (.json or .yaml); default: a sensible fused model")
-    p.add_argument("--data", default="digits", help="image folder, .npz file, or 'digits' (default)")
-    p.add_argument("--data-test", help="held-out test data; default: a stratified split of --data")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when --data-test is absent")
+    p.add_argument(
+        "--data",
+        default="cifar10-sample",
+        help="image folder, .npz file, 'digits', or 'cifar10-sample' (default: 2000 real photos that ship with "
+        "fusion-engine, their 1000 held-out ones the test part)",
+    )
+    p.add_argument(
+        "--data-test",
+        help="held-out test data; default: the test part --data carries (cifar10-sample's, an .npz's x_test), "
+        "else a stratified split of --data",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.2, help="held-out share when neither --data-test nor a test part"
+    )
     p.add_argument("--val-fraction", type=float, help="validation share of the training data (early stopping)")
     p.add_argument("--out", default="runs/latest", help="RUN_DIR to write (replaced atomically)")
     p.add_argument("--mode", choices=["frozen", "finetune"], help="frozen (default): cached features; finetune")
@@ -48,14 +60,26 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="head learning rate")
     p.add_argument("--backbone-lr", type=float, help="backbone learning rate (finetune)")
     p.add_argument("--unfreeze", type=int, help="finetune only the last N stages (default: all)")
+    p.add_argument(
+        "--train-blocks",
+        type=int,
+        help="frozen mode: also train the last K stages of every timm branch, on trunk activations cached once "
+        "(default 0: the head only)",
+    )
+    p.add_argument(
+        "--views",
+        help="frozen mode: also train on the features of these image views, each extracted once (flip, shift), "
+        "and/or flip-average at prediction (flip-average): e.g. flip,shift,flip-average; auto: what validation prefers",
+    )
     p.add_argument("--no-augment", action="store_true", help="finetune without data augmentation")
     p.add_argument("--mixup", type=float, help="finetune: mixup alpha")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="finetune in bfloat16 autocast (default fp32)")
     p.add_argument(
         "--extract-runtime",
-        choices=["torch", "bf16", "onnx"],
-        help="frozen-mode feature extraction: torch (default; channels_last on the CPU), bf16 autocast, or "
-        "onnx (onnxruntime, CPU: several times faster there; needs fusion-engine[onnx])",
+        choices=["auto", "torch", "bf16", "onnx", "int8"],
+        help="frozen-mode feature extraction: auto (default: onnx on the CPU, each branch checked against torch "
+        "first; torch on GPUs), torch (channels_last on the CPU), bf16 autocast, onnx (onnxruntime), or int8 "
+        "(onnxruntime, static int8, calibrated on 256 training images; opt-in)",
     )
     p.add_argument("--cutmix", type=float, help="finetune: cutmix alpha")
     p.add_argument("--resume", action="store_true", help="finetune: continue from RUN_DIR.checkpoint")
@@ -133,8 +157,15 @@ def run(args) -> int:
     key = encryption_key(args, required=args.encrypt)
     train_config = train_config_from(args)
     torch.manual_seed(args.seed)  # random-init branches are reproducible too
-    model = engine.build(config, class_names=data.classes)
-    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
+    config = sized_to_data(config, train_data)  # small images are not blown up to 224 px for nothing
+    if args.config:
+        model = engine.build(config, class_names=data.classes)
+    else:
+        model = build_default(engine, config, data.classes, log)
+    # the held-out features: with the training runtime when the backbones stay as they were (the same graphs)
+    frozen = train_config.mode == "frozen" and not train_config.train_blocks
+    runtime = train_config.extract_runtime if frozen else "torch"
+    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache, runtime=runtime, log=log)
     clock.lap("setup")
     if distributed.active() and train_config.mode == "frozen":  # the held-out features are sharded too
         cache.features(model, test_data, batch_size=train_config.batch_size, progress=not args.quiet)

@@ -83,12 +83,13 @@ class BackboneSpec(ComponentSpec):
 
 
 class FusedModelConfig(BaseModel):
-    """A fused classifier: branches, one fusion, the number of classes."""
+    """A fused classifier: branches, one fusion, the number of classes (and test-time flip averaging)."""
 
     model_config = ConfigDict(extra="forbid")
     backbones: list[BackboneSpec] = Field(min_length=1)
     fusion: FusionSpec = Field(default_factory=lambda: FusionSpec(name="concat"))
     num_classes: int | None = Field(default=None, ge=2)
+    flip_average: bool = False  # predict from the mean of each image's and its mirror image's features
 
     def branch_names(self) -> list[str]:
         """Unique display names, ``#2``, ``#3`` appended to repeats."""

@@ -149,6 +149,22 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 SAMPLES = {"cifar10-sample": Path(__file__).resolve().parent / "samples" / "cifar10_sample.npz"}
 
 
+def own_test_source(source) -> str | Path | None:
+    """The held-out part that ``source`` carries itself, as something ``load_dataset`` reads: a shipped
+    sample's ``NAME:test``, or an ``.npz`` with ``x_test``/``y_test`` (read with ``split="test"``); else None."""
+    if isinstance(source, str) and source in SAMPLES:
+        return f"{source}:test"
+    if isinstance(source, (str, Path)) and str(source).lower().endswith(".npz") and Path(source).is_file():
+        try:
+            with np.load(source, allow_pickle=False) as d:
+                keys = set(d.files) if isinstance(d, np.lib.npyio.NpzFile) else set()
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            return None  # load_dataset reports what is wrong with the file
+        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+            return source
+    return None
+
+
 def load_dataset(source, *, classes: list[str] | None = None, split: str = "train") -> ImageDataset:
     """Load labelled images from ``source``.
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 from fusion_engine.core.weights_index import ENV_VAR, all_entries, timm_model
+from fusion_engine.errors import RandomInitWarning
 
 HUB_BACKBONES = ["mobilenetv3_large_100", "efficientnet_b0", "resnet18"]
+WEIGHTS_HINT = "for pretrained weights offline: pip install ./plugins/fusion-engine-weights (fusion-engine-weights)"
 MAX_DEFAULT_BRANCHES = 3
 
 
@@ -39,6 +43,24 @@ def _cnn_config(fusion: str) -> tuple[dict, str]:
     return (
         {"backbones": backbones, "fusion": fusion},
         f"timm backbones {', '.join(HUB_BACKBONES)}, pretrained from the hub or its local cache when the weights "
-        "can be had (a warning names any that cannot; for pretrained weights offline: "
-        "pip install ./plugins/fusion-engine-weights)",
+        f"can be had ({WEIGHTS_HINT})",
     )
+
+
+def build_default(engine, config: dict, class_names, log) -> object:
+    """``engine.build(config)`` for the default config, minus the branches that could only be randomly
+    initialised, when any other branch is left (random CNN features lose to HOG and would fuse noise);
+    ``log`` gets one line naming them and what to install. With no other branch they stay, and the
+    build's RandomInitWarning says so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomInitWarning)
+        model = engine.build(config, class_names=class_names)
+    random = [i for i, b in enumerate(model.branches) if getattr(b.backbone, "random_init_reason", None)]
+    if random and len(random) < len(model.branches):
+        names = ", ".join(model.branches[i].name for i in random)
+        log(f"no pretrained weights for {names}: those branches are left out ({WEIGHTS_HINT})")
+        kept = {**config, "backbones": [b for i, b in enumerate(config["backbones"]) if i not in random]}
+        return engine.build(kept, class_names=class_names)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model

@@ -133,7 +133,10 @@ class FusedNetwork(nn.Module):
         return features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fusion(self.branch_features(images))
+        features = self.branch_features(images)
+        if self.config.flip_average:  # the mean of each image's and its mirror image's features
+            features = [(a + b) / 2 for a, b in zip(features, self.branch_features(images.flip(-1)))]
+        return self.fusion(features)
 
     def check_fitted(self) -> None:
         """NotFittedError unless the model was trained or loaded (or its fitted fusion was fitted directly)."""

@@ -26,7 +26,7 @@ def _measure(load_model, runtime: str, batch_size: int, iterations: int, threads
         model = load_model()
         height, width = input_size_for(model)
         images = torch.rand(batch_size, 3, height, width, generator=torch.Generator().manual_seed(0))
-        run = make_runner(model, runtime, example=images)
+        run = make_runner(model, runtime, example=images, calibration=data)  # int8: calibrated on the data
         for _ in range(3):
             run(images)
         times = []

@@ -14,8 +14,8 @@ backbone, extractor and the fusion. Its input contract (stored in the ONNX metad
 Resize the images to H x W before feeding them (``predict_onnx_files`` does, as ``predict`` does).
 Export writes to a temporary file, compares the ONNX model's probabilities with torch's on real
 images (max abs diff <= 1e-4 by default) and only then moves it into place; otherwise it raises
-ExportError and leaves nothing behind. ``onnx``, ``onnxruntime`` and ``onnxscript`` are the
-optional extra ``fusion-engine[onnx]``.
+ExportError and leaves nothing behind. ``onnx``, ``onnxruntime`` and ``onnxscript`` are
+dependencies of fusion-engine (onnxruntime is the default extraction runtime on the CPU).
 
 Signed files: ``export_onnx(..., signing_key=PRIVATE)`` (``fusion-engine export --sign-key``) writes
 ``FILE.onnx.sig`` beside the file: an Ed25519 signature (the key format of ``artifacts/signing.py``)
@@ -51,6 +51,7 @@ from fusion_engine.version import __version__
 
 OPSET = 18
 TOLERANCE = 1e-4
+INT8_MIN_AGREEMENT = 0.95  # an int8 graph's top-1 must agree with torch's on at least this share of the check images
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
 META_PREFIX = "fusion_engine."
@@ -66,8 +67,8 @@ def _require(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(
-            f"ONNX support needs {', '.join(missing)}: pip install 'fusion-engine[onnx]' "
-            "(onnx, onnxruntime, onnxscript)"
+            f"ONNX support needs {', '.join(missing)}: pip install onnx onnxruntime onnxscript "
+            "(dependencies of fusion-engine; reinstall it)"
         )
 
 
@@ -262,16 +263,27 @@ def _example(channels: int, height: int, width: int) -> torch.Tensor:
     return torch.rand(2, channels, height, width, generator=torch.Generator().manual_seed(0))
 
 
-def write_onnx(model, path, contract: dict, *, opset: int = OPSET, source: dict | None = None) -> None:
-    """Export ``model`` to ``path`` with the ``fusion_engine.*`` metadata (no parity check)."""
+def write_onnx(
+    model, path, contract: dict, *, opset: int = OPSET, source: dict | None = None, calibration=None
+) -> None:
+    """Export ``model`` to ``path`` with the ``fusion_engine.*`` metadata (no parity check); with
+    ``calibration`` (data ``load_dataset`` takes) the graph is quantised to static int8, calibrated on
+    a seeded sample of its images (``runtime/int8.py``)."""
     import onnx
 
     if any(s["method"] == "int8" for s in steps(model)):
         raise ExportError(
             "int8 models cannot be exported to ONNX (torch's dynamic int8 layers have no ONNX form); "
-            "export the float model and quantise the ONNX file with onnxruntime.quantization if needed"
+            "export the float model, or a static int8 graph with --int8 (export_onnx(..., int8=True))"
         )
     _export_graph(_WithProbabilities(model), path, _example(*contract["shape"][1:]), OUTPUT_NAMES, opset)
+    quantization = {}
+    if calibration is not None:
+        from fusion_engine.runtime.int8 import CALIBRATION_IMAGES, calibration_batches, quantize_graph
+
+        images = check_images(calibration, contract, CALIBRATION_IMAGES, seed=1)  # the check draws seed 0
+        Path(path).write_bytes(quantize_graph(Path(path).read_bytes(), calibration_batches(images.numpy())))
+        quantization = {"method": "int8-static", "calibration_data": str(calibration), "images": len(images)}
     proto = onnx.load(str(path))
     metadata = {
         "class_names": model.class_names,
@@ -279,6 +291,7 @@ def write_onnx(model, path, contract: dict, *, opset: int = OPSET, source: dict 
         "outputs": {"logits": ["batch", model.num_classes], "probabilities": ["batch", model.num_classes]},
         "branches": model.branch_names,
         "compression": [s["method"] for s in steps(model)],
+        "quantization": quantization,
         "fusion_engine_version": __version__,
         "torch_version": torch.__version__,
         "source": source or {},
@@ -302,15 +315,24 @@ def export_onnx(
     opset: int = OPSET,
     source: dict | None = None,
     signing_key=None,
+    int8: bool = False,
+    calibration_data=None,
 ) -> dict:
     """Export ``model`` to ``out`` (.onnx) and check it against torch on real images; returns the check's numbers.
 
-    Nothing is written at ``out`` unless the check passes (max abs probability difference <= ``tolerance``).
+    Nothing is written at ``out`` unless the check passes (max abs probability difference <= ``tolerance``;
+    with ``int8``, a graph quantised on ``calibration_data``: top-1 agreement >= INT8_MIN_AGREEMENT, the
+    difference reported).
     With ``signing_key`` (an Ed25519 private key file) the checked bytes are signed into ``out.sig``;
     without one, a ``out.sig`` left from an earlier export of ``out`` is removed (it names other bytes).
     """
     _require("onnx", "onnxruntime", "onnxscript")
     key = _load_key(signing_key, "private", Ed25519PrivateKey) if signing_key else None  # fails before the export
+    if int8 and calibration_data is None:
+        raise ExportError(
+            "int8 export calibrates on real images: pass calibration data (--calibration-data DATA: a folder, an .npz "
+            "or cifar10-sample; a few hundred of the training images are best)"
+        )
     out = Path(out)
     model = model.eval()
     contract = input_contract(model, input_size)
@@ -319,12 +341,20 @@ def export_onnx(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     start = time.perf_counter()
     try:
-        write_onnx(model, tmp, contract, opset=opset, source=source)
+        write_onnx(model, tmp, contract, opset=opset, source=source, calibration=calibration_data if int8 else None)
         check = parity(model, tmp, images)
         check.update(
             tolerance=tolerance, check_data=str(check_data), export_seconds=round(time.perf_counter() - start, 1)
         )
-        if not check["max_abs_diff"] <= tolerance:
+        if int8:
+            check.update(int8=True, calibration_data=str(calibration_data), min_top1_agreement=INT8_MIN_AGREEMENT)
+            if check["top1_agreement"] < INT8_MIN_AGREEMENT:
+                raise ExportError(
+                    f"the int8 graph disagrees with torch: top-1 agreement {check['top1_agreement']:.3f} < "
+                    f"{INT8_MIN_AGREEMENT} on {check['images']} images from {check_data} (max abs probability "
+                    f"difference {check['max_abs_diff']:.3g}); the ONNX file was not written: export without --int8"
+                )
+        elif not check["max_abs_diff"] <= tolerance:
             raise ExportError(
                 f"ONNX model disagrees with torch: max abs probability difference {check['max_abs_diff']:.3g} "
                 f"> {tolerance:g} on {check['images']} images from {check_data} (top-1 agreement "
@@ -343,15 +373,15 @@ def export_onnx(
     return {"path": str(out), "input": contract, **check, **signed}
 
 
-def session_for(model, input_size=None):
-    """An onnxruntime session of ``model`` exported to a temporary file (removed once loaded)."""
+def session_for(model, input_size=None, calibration=None):
+    """An onnxruntime session of ``model`` exported to a temporary file (removed once loaded); int8 with ``calibration``."""
     import tempfile
 
     _require("onnx", "onnxruntime", "onnxscript")
     contract = input_contract(model.eval(), input_size)
     with tempfile.TemporaryDirectory(prefix="fusion-engine-onnx-") as folder:
         path = Path(folder) / "model.onnx"
-        write_onnx(model, path, contract)
+        write_onnx(model, path, contract, calibration=calibration)
         return onnx_session(path)
 
 
@@ -364,29 +394,23 @@ class _BranchFeatures(nn.Module):
         return tuple(self.model.branch_features(images, self.indices))
 
 
-def features_runner(model, indices: list[int], size: tuple[int, int]):
-    """``run(images) -> [features of branch i for i in indices]`` with onnxruntime: the branches'
-    preprocessing, backbones and extractors exported once at ``size`` (3-channel input; grey batches
-    are repeated to 3 channels, as the branches' own preprocessing does)."""
+def branch_graph(model, index: int, size: tuple[int, int]) -> bytes:
+    """The ONNX graph (bytes) of branch ``index``'s features: its preprocessing, backbone and extractor,
+    exported at ``size`` with a dynamic batch; input ``images`` (float (B, 3, H, W) in [0, 1]; grey
+    batches are repeated to 3 channels, as the branches' own preprocessing does)."""
     import tempfile
 
     _require("onnx", "onnxruntime", "onnxscript")
-    names = [f"features_{i}" for i in indices]
     with tempfile.TemporaryDirectory(prefix="fusion-engine-onnx-") as folder:
         path = Path(folder) / "features.onnx"
-        _export_graph(_BranchFeatures(model.eval(), indices), path, _example(3, *size), names)
-        session = onnx_session(path)
-
-    def run(images: torch.Tensor) -> list[torch.Tensor]:
-        x = to_channels(images.detach().float().cpu(), 3).numpy()
-        return [torch.from_numpy(a) for a in session.run(names, {INPUT_NAME: x})]
-
-    return run
+        _export_graph(_BranchFeatures(model.eval(), [index]), path, _example(3, *size), [f"features_{index}"])
+        return path.read_bytes()
 
 
-def onnx_runner(model, example=None):
-    """``run(images) -> logits`` with onnxruntime, for ``runtimes.make_runner``; exported at ``example``'s size."""
-    session = session_for(model, tuple(example.shape[-2:]) if example is not None else None)
+def onnx_runner(model, example=None, calibration=None):
+    """``run(images) -> logits`` with onnxruntime, for ``runtimes.make_runner``; exported at ``example``'s size
+    (static int8 with ``calibration`` data)."""
+    session = session_for(model, tuple(example.shape[-2:]) if example is not None else None, calibration)
     channels = input_contract(model)["shape"][1]
 
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -417,6 +441,7 @@ def decode_metadata(meta: dict, path) -> dict:
 __all__ = [
     "export_onnx",
     "write_onnx",
+    "branch_graph",
     "session_for",
     "onnx_runner",
     "parity",

@@ -1,5 +1,6 @@
 """Ways to run a fused model for inference: torch (float32, NCHW), channels_last, bf16 autocast, torch.compile,
-ONNX Runtime. Every place that names a runtime uses these names; "torch" is plain eager PyTorch.
+ONNX Runtime in float32 (onnx) or static int8 (int8). Every place that names a runtime uses these names;
+"torch" is plain eager PyTorch.
 
 ``make_runner(model, runtime)`` returns ``run(images) -> logits`` (images: float (B, C, H, W) in [0, 1]).
 """
@@ -12,7 +13,7 @@ import torch
 
 from fusion_engine.errors import ConfigError
 
-RUNTIMES = ("torch", "channels_last", "bf16", "bf16_channels_last", "compile", "onnx")
+RUNTIMES = ("torch", "channels_last", "bf16", "bf16_channels_last", "compile", "onnx", "int8")
 ALIASES = {"eager": "torch"}  # the name bench used before 0.2; still accepted
 
 
@@ -52,14 +53,17 @@ def runtime_name(runtime: str) -> str:
     return runtime
 
 
-def make_runner(model, runtime: str = "torch", *, example=None):
-    """A callable for ``runtime``; ``example`` images are needed by 'onnx' (export) only."""
+def make_runner(model, runtime: str = "torch", *, example=None, calibration=None):
+    """A callable for ``runtime``; ``example`` images are needed by 'onnx' and 'int8' (export) only, and
+    ``calibration`` (data ``load_dataset`` takes) by 'int8'."""
     runtime = runtime_name(runtime)
     model = model.eval()
-    if runtime == "onnx":
+    if runtime in ("onnx", "int8"):
         from fusion_engine.runtime.export import onnx_runner
 
-        return onnx_runner(model, example)
+        if runtime == "int8" and calibration is None:
+            raise ConfigError("runtime 'int8' calibrates on real images: give the data (bench --data DATA)")
+        return onnx_runner(model, example, calibration if runtime == "int8" else None)
     memory_format = torch.channels_last if runtime.endswith("channels_last") else torch.contiguous_format
     if memory_format is torch.channels_last:
         model = model.to(memory_format=memory_format)

@@ -39,6 +39,7 @@ from fusion_engine.training.config import TrainConfig, seed_everything
 from fusion_engine.training.evaluation import logits_from_features
 from fusion_engine.training.fit import train_head
 
+CV_STEPS = 300  # optimizer steps a CV fold's head trains for by default (before early stopping)
 RANK_TOP = 5  # the leaderboard's CV order is checked against the held-out order for this many rows
 
 
@@ -118,9 +119,9 @@ class Searcher:
         self.folds = list(splitter.split(np.zeros(len(y)), y))
         epochs = config.epochs
         if epochs is None:
-            rows = len(y) * (folds - 1) / folds * (1 - train_config.val_fraction)
-            steps = max(1, math.ceil(rows / train_config.head_batch_size))
-            epochs = min(train_config.epochs, max(10, math.ceil(300 / steps)))
+            rows = int(len(y) * (folds - 1) / folds * (1 - train_config.val_fraction))
+            steps = math.ceil(rows / min(train_config.head_batch_size, max(16, rows // 20)))  # train_head's batches
+            epochs = min(train_config.epochs, max(10, math.ceil(CV_STEPS / steps)))
         self.cv_config = train_config.model_copy(update={"epochs": epochs, "patience": min(config.patience, epochs)})
         self.rows: dict[tuple, dict] = {}
         self.fold_seconds: dict[str, tuple[float, int]] = {}  # fusion label -> (seconds per fold, width)

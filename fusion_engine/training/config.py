@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from fusion_engine.core.config import validated
 
@@ -28,21 +28,58 @@ class TrainConfig(BaseModel):
     patience: int = Field(default=8, ge=1, description="epochs without validation gain before stopping")
     seed: int = 0
     unfreeze: int | None = Field(default=None, ge=1, description="finetune: last N stages (None: all)")
+    train_blocks: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "frozen: also train the last N stages of every timm branch, on trunk activations cached once "
+            "(training.top_blocks; 0: head only)"
+        ),
+    )
     augment: bool = True
     mixup: float = Field(default=0.0, ge=0, description="finetune: mixup alpha (0: off)")
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: bfloat16 autocast (finetune)")
-    extract_runtime: Literal["torch", "bf16", "onnx"] = Field(
-        default="torch",
+    extract_runtime: Literal["auto", "torch", "bf16", "onnx", "int8"] = Field(
+        default="auto",
         description=(
-            "frozen-mode feature extraction: torch (float32, channels_last on the CPU), bf16 (bfloat16 autocast) or "
-            "onnx (onnxruntime on the CPU; needs fusion-engine[onnx])"
+            "frozen-mode feature extraction: auto (onnx on the CPU when onnxruntime is installed, else torch), torch "
+            "(float32, channels_last on the CPU), bf16 (bfloat16 autocast), onnx (onnxruntime on the CPU) or int8 "
+            "(onnxruntime, static int8); onnx and int8 graphs are checked against torch first and fall back if they disagree"
         ),
+    )
+    feature_views: list[Literal["flip", "shift"]] | Literal["auto"] = Field(
+        default_factory=list,
+        description=(
+            "frozen: also train the head on the features of these views of each training image (flip: mirrored, "
+            "shift: moved by 1/16 of the side), each cached once; auto: keep what scores best on validation"
+        ),
+    )
+    flip_average: bool | Literal["auto"] = Field(
+        default=False,
+        description="frozen: the model averages each image's features with its mirror image's (auto: if validation gains)",
     )
     cutmix: float = Field(default=0.0, ge=0, description="finetune: cutmix alpha (0: off)")
     grad_clip: float | None = Field(default=1.0, gt=0)
     num_workers: int = Field(default=0, ge=0)
     device: str = "auto"
     baselines: bool = True
+
+    @field_validator("train_blocks")
+    @classmethod
+    def _frozen_mode_only(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("mode") != "frozen":
+            raise ValueError("top blocks train in frozen mode; in finetune mode choose the stages with unfreeze")
+        return value
+
+    @field_validator("feature_views", "flip_average")
+    @classmethod
+    def _on_frozen_features(cls, value, info: ValidationInfo):
+        if value and (info.data.get("mode") != "frozen" or info.data.get("train_blocks")):
+            raise ValueError(
+                f"{info.field_name} works on frozen features: use it in frozen mode without train_blocks (in finetune "
+                "mode, augment applies flips and crops to the images)"
+            )
+        return value
 
 
 def train_config(config: TrainConfig | None = None, **overrides) -> TrainConfig:

@@ -16,6 +16,7 @@ from fusion_engine.core.data import align_classes, load_dataset
 from fusion_engine.training.baselines import handcrafted_for
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.metrics import classification_metrics, format_report
+from fusion_engine.training.views import flip_averaged
 
 
 class EvaluationReport(dict):
@@ -107,8 +108,11 @@ def evaluate(
     cache = cache or FeatureCache()
     model.to(device)
     features = cache.features(model, dataset, batch_size=batch_size, device=device, progress=progress)
+    fused = features  # what the fusion sees: flip-averaged when the model averages
+    if model.config.flip_average:
+        fused = flip_averaged(cache, model, dataset, features, batch_size=batch_size, device=device, progress=progress)
     y = dataset.targets
-    logits = torch.from_numpy(logits_from_features(model.fusion, features, device=device)).double()
+    logits = torch.from_numpy(logits_from_features(model.fusion, fused, device=device)).double()
     probabilities = torch.softmax(logits, dim=1).numpy()
     report = EvaluationReport(
         classification_metrics(y, probabilities.argmax(1), model.class_names),

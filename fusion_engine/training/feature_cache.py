@@ -38,34 +38,52 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
+import queue
 import tempfile
+import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import fusion_engine.runtime.onnx_cache as onnx_cache
 import fusion_engine.training.distributed as distributed
 from fusion_engine.artifacts.safe_files import read_small_file
+from fusion_engine.artifacts.store import rebuild_config
+from fusion_engine.core.data import collate_images
 from fusion_engine.core.loader import make_loader
 from fusion_engine.core.network import input_size_for
 from fusion_engine.core.progress import Progress
-from fusion_engine.errors import ConfigError, DataError, printable
-from fusion_engine.runtime.export import features_runner
+from fusion_engine.errors import ConfigError, DataError, ExportError, printable
+from fusion_engine.runtime.export import OPSET, branch_graph, onnx_session, to_channels
+from fusion_engine.runtime.int8 import CALIBRATION_IMAGES, calibration_batches, quantize_graph
 from fusion_engine.runtime.runtimes import autocast, fast_memory_format
 
-CACHE_VERSION = "features-v1"
+CACHE_VERSION = "features-v2"  # v2: keyed by the architecture, not by how the weights were named
 ENTRY_FORMAT = "fusion-engine-feature-entry/1"
-EXTRACT_RUNTIMES = ("torch", "bf16", "onnx")
+EXTRACT_RUNTIMES = ("auto", "torch", "bf16", "onnx", "int8")
+ONNX_RUNTIMES = ("onnx", "int8")  # run by onnxruntime from a graph exported per branch
+ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # what exporting and running a graph needs
+PARITY_IMAGES = 16  # real images each exported graph is compared with torch on, once
+ONNX_TOLERANCE = 1e-3  # fp32 graph: max abs difference / feature scale (max |torch feature|); measured ~1e-6
+INT8_MIN_COSINE = 0.99  # int8 graph: lowest cosine similarity of one image's features with torch's
+PREFETCH_BATCHES = 2  # batches decoded ahead of the forward pass (0: decode in the loop)
 SCAN_CHUNK_BYTES = 16 << 20  # one chunk of the checking pass: memory stays bounded
 MAX_SIDECAR_BYTES = 64 << 10
 
 
 class FeatureCacheWarning(UserWarning):
     """A cache entry was discarded (damaged or mismatched) and is extracted again."""
+
+
+class ExtractionRuntimeWarning(UserWarning):
+    """An exported graph disagreed with torch; that branch is extracted with another runtime."""
 
 
 class DamagedEntry(Exception):
@@ -91,24 +109,92 @@ def tensors_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def branch_key(model, index: int, data_digest: str, runtime: str = "torch") -> str:
-    """Cache key of one branch's features on one dataset (and the extraction runtime, unless torch)."""
+def branch_identity(model, index: int) -> dict:
+    """What branch ``index`` computes: its architecture (the options that rebuild it, without those
+    that only name or fetch weights, so a model saved and loaded again is the same branch), the
+    digest of its tensors, its preprocessing, its extractor, and the size images are batched at."""
     branch = model.branches[index]
     spec = model.config.backbones[index]
-    parts = {
-        "version": CACHE_VERSION,
+    return {
         "backbone": spec.name,
-        "options": spec.options,
+        "architecture": rebuild_config(model)["backbones"][index]["options"],
         "extractor": spec.extractor.model_dump(),
         "weights": tensors_digest(branch),
         "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in branch.backbone.data_config.items()},
-        "data": data_digest,
         # images are batched at the largest branch input size, so it shapes every branch's input too
         "loader_input_size": list(input_size_for(model)),
     }
-    if runtime != "torch":  # bf16 features differ from float32 ones; onnxruntime's agree to ~1e-5
-        parts["runtime"] = runtime
+
+
+def _digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def branch_key(model, index: int, data_digest: str, runtime: str = "torch", graph: str | None = None) -> str:
+    """Cache key of one branch's features on one dataset (and the extraction runtime, unless torch;
+    ``graph``: the sha256 of the int8 graph, whose calibration shapes the features)."""
+    parts = {"version": CACHE_VERSION, **branch_identity(model, index), "data": data_digest}
+    if runtime != "torch":  # bf16 features differ from float32 ones; onnxruntime's agree to ~1e-5; int8's less
+        parts["runtime"] = runtime
+    if graph:
+        parts["graph"] = graph
+    return _digest(parts)
+
+
+def onnx_available() -> bool:
+    """Whether exporting and running ONNX graphs works here (onnx, onnxruntime, onnxscript importable)."""
+    return all(importlib.util.find_spec(m) is not None for m in ONNX_MODULES)
+
+
+def resolve_runtime(runtime: str, device) -> str:
+    """``auto``: onnx on the CPU when onnxruntime is installed, torch otherwise and on GPUs; the others as given."""
+    if runtime != "auto":
+        return runtime
+    return "onnx" if torch.device(device).type == "cpu" and onnx_available() else "torch"
+
+
+def graph_key(model, index: int, kind: str) -> str:
+    """Key of branch ``index``'s exported graph: what the branch computes, the graph kind (onnx or
+    int8, with its calibration size) and the versions that shape the export."""
+    import onnxruntime
+
+    parts = {"graph": kind, **branch_identity(model, index), "opset": OPSET, "torch": torch.__version__}
+    parts["onnxruntime"] = onnxruntime.__version__
+    if kind == "int8":
+        parts["calibration_images"] = CALIBRATION_IMAGES
+    return _digest(parts)
+
+
+def sample_images(model, dataset, count: int, seed: int) -> torch.Tensor:
+    """``count`` images of ``dataset`` (a seeded sample, in order) as the loader batches them."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(dataset), size=min(count, len(dataset)), replace=False))
+    images, _ = collate_images([dataset[int(i)] for i in picked], size=input_size_for(model))
+    return to_channels(images, 3)
+
+
+def compare(got: np.ndarray, expected: np.ndarray) -> dict:
+    """Max abs difference, the features' scale (max |expected|) and the lowest per-image cosine similarity."""
+    scale = float(np.abs(expected).max())
+    norms = np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+    cosine = np.where(norms > 0, (got * expected).sum(1) / np.maximum(norms, 1e-30), 1.0)
+    return {"max_abs_diff": float(np.abs(got - expected).max()), "scale": scale, "min_cosine": float(cosine.min())}
+
+
+def passes(record: dict) -> bool:
+    """Whether a graph's parity record is within the tolerance of its kind (ONNX_TOLERANCE, INT8_MIN_COSINE)."""
+    if record["kind"] == "int8":
+        return record["min_cosine"] >= INT8_MIN_COSINE
+    return record["max_abs_diff"] <= ONNX_TOLERANCE * max(record["scale"], 1.0)
+
+
+@dataclass
+class Plan:
+    """How one branch is extracted: its runtime and, for onnx and int8, the graph bytes and their sha256."""
+
+    runtime: str
+    graph: bytes | None = None
+    sha256: str | None = None
 
 
 def scan(array: np.ndarray, digest: bool = True) -> tuple[str | None, int | None]:
@@ -161,18 +247,34 @@ class FeatureCache:
     extractions, ``discarded`` lists ``(path, reason)`` of the entries found damaged.
 
     ``note(message)`` receives one line per discarded entry (default: a :class:`FeatureCacheWarning`).
+
+    ``runtime``: torch, bf16, onnx, int8, or auto (onnx on the CPU when onnxruntime is installed, else
+    torch). onnx and int8 export each branch once (graphs kept in ``DIRECTORY/onnx``, or in memory
+    without a cache) and compare it with torch on a few of the images at hand before first use; a graph
+    that disagrees is not used: int8 falls back to onnx, onnx to torch, with one line to ``log`` (and a
+    :class:`ExtractionRuntimeWarning`) giving the difference. ``plans`` records the runtime each branch
+    used, ``checks`` the comparisons.
     """
 
-    def __init__(self, directory=None, enabled: bool = True, runtime: str = "torch", note=None):
+    def __init__(self, directory=None, enabled: bool = True, runtime: str = "torch", note=None, log=None):
         if runtime not in EXTRACT_RUNTIMES:
             raise ConfigError(f"unknown extraction runtime '{runtime}'; valid: {', '.join(EXTRACT_RUNTIMES)}")
         self.directory = Path(directory) if directory else default_cache_dir()
         self.enabled = enabled
         self.runtime = runtime
         self.note = note or _warn
-        self.onnx_runners: dict = {}  # one export per model, branches and weights, reused by later calls
-        self.stats = {"hits": 0, "extracted": 0, "extract_seconds": 0.0}
+        self.log = log
+        self.sessions: dict = {}  # graph sha256 -> onnxruntime session, reused by later calls
+        self.checks: dict[str, dict] = {}  # graph key -> its parity record
+        self.plans: list[Plan] = []  # of the last features() call
+        self._fell_back: set[tuple[str, str]] = set()
+        self.stats = {"hits": 0, "extracted": 0, "extract_seconds": 0.0}  # + wait_seconds once images are read
         self.discarded: list[tuple[Path, str]] = []
+
+    @property
+    def graph_directory(self) -> Path | None:
+        """Where exported graphs are kept: ``DIRECTORY/onnx``; None (memory only) when caching is off."""
+        return self.directory / "onnx" if self.enabled else None
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.npy"
@@ -302,9 +404,12 @@ class FeatureCache:
         self, model, dataset, *, batch_size: int = 64, num_workers: int = 0, device="cpu", progress: bool = True
     ) -> list[np.ndarray]:
         """One (N, D_i) array per branch (memory-mapped when cached); one pass extracts all missing."""
+        model.eval()
+        runtime = resolve_runtime(self.runtime, device)
+        self.plans = [self._plan(model, i, runtime, dataset, device) for i in range(len(model.branches))]
         if self.enabled:
             digest = dataset.digest()
-            keys = [branch_key(model, i, digest, self.runtime) for i in range(len(model.branches))]
+            keys = [branch_key(model, i, digest, p.runtime, p.sha256) for i, p in enumerate(self.plans)]
         else:  # nothing is looked up or stored: skip hashing the images and the weights
             keys = [""] * len(model.branches)
         shapes = [(len(dataset), b.feature_dim) for b in model.branches]
@@ -313,7 +418,7 @@ class FeatureCache:
         def fill(indices, buffers):
             loader = make_loader(dataset, model, batch_size, num_workers)
             with Progress(len(dataset), extracting_label(model, indices), progress) as bar:
-                run_branches(model, loader, indices, buffers, device, bar, self.runtime, self.onnx_runners)
+                run_branches(model, loader, indices, buffers, device, bar, *self._how(indices))
 
         if not distributed.active():
             return self.arrays(keys, shapes, fill, names)
@@ -322,6 +427,100 @@ class FeatureCache:
         self.stats["hits"] -= sharded
         self.stats["extracted"] += sharded
         return arrays
+
+    def _plan(self, model, index: int, runtime: str, dataset, device) -> Plan:
+        """Branch ``index``'s runtime: ``runtime``, or the one it falls back to when its graph fails the check."""
+        if runtime not in ONNX_RUNTIMES:
+            return Plan(runtime)
+        if torch.device(device).type != "cpu":
+            raise ConfigError(
+                f"extraction runtime '{runtime}' runs on the CPU, not on {device}; use 'torch' or 'bf16' "
+                "there (--extract-runtime)"
+            )
+        name = model.branches[index].name
+        try:
+            fp32, record = self._graph(model, index, "onnx", dataset)
+        except ExportError as e:  # a branch torch.onnx cannot trace (numpy inside, as handcrafted features)
+            self._fall_back(name, "onnx", "torch", {"error": ":".join(str(e).split(":")[:2])})
+            return Plan("torch")
+        if not record["passed"]:
+            self._fall_back(name, "onnx", "torch", record)
+            return Plan("torch")
+        if runtime == "onnx":
+            return Plan("onnx", fp32, record["sha256"])
+        int8, record = self._graph(model, index, "int8", dataset, fp32)
+        if not record["passed"]:
+            self._fall_back(name, "int8", "onnx", record)
+            return Plan("onnx", fp32, record.get("fp32_sha256"))
+        return Plan("int8", int8, record["sha256"])
+
+    def _graph(self, model, index: int, kind: str, dataset, fp32: bytes | None = None) -> tuple[bytes, dict]:
+        """Branch ``index``'s graph of ``kind`` (onnx, or int8 made from ``fp32``) and its parity record:
+        from the graph store, else exported (int8: quantised, calibrated on the dataset at hand) and checked."""
+        key = graph_key(model, index, kind)
+
+        def make():
+            start = time.perf_counter()
+            if kind == "onnx":
+                data = branch_graph(model, index, input_size_for(model))
+            else:
+                calibration = sample_images(model, dataset, CALIBRATION_IMAGES, seed=0)
+                data = quantize_graph(fp32, calibration_batches(calibration.numpy()))
+            seconds = time.perf_counter() - start
+            images = sample_images(model, dataset, PARITY_IMAGES, seed=1)
+            with torch.inference_mode():
+                expected = model.branch_features(images, [index])[0].float().numpy()
+            got = onnx_session(data).run(None, {"images": images.numpy()})[0]
+            record = {"kind": kind, "branch": model.branches[index].name, **compare(got, expected)}
+            record.update(images=len(images), checked_on=dataset.name, make_seconds=round(seconds, 1))
+            if kind == "int8":
+                record["fp32_sha256"] = hashlib.sha256(fp32).hexdigest()
+            if self.log:
+                verdict = "used" if passes(record) else "not used"
+                self.log(
+                    f"{kind} graph of {printable(record['branch'])} vs torch on {len(images)} images: max abs diff "
+                    f"{record['max_abs_diff']:.2g} (features up to {record['scale']:.3g}), lowest cosine "
+                    f"{record['min_cosine']:.4f}: {verdict}"
+                )
+            return data, record
+
+        data, record = onnx_cache.graph(key, self.graph_directory, make)
+        record = {**record, "passed": passes(record)}  # judged by today's tolerances, not those it was made with
+        self.checks[key] = record
+        return data, record
+
+    def _fall_back(self, name: str, runtime: str, instead: str, record: dict) -> None:
+        if (name, runtime) in self._fell_back:  # said once per cache, not once per dataset
+            return
+        self._fell_back.add((name, runtime))
+        if "error" in record:
+            why = f"cannot be exported ({record['error']})"
+        else:
+            why = (
+                f"disagrees with torch (max abs diff {record['max_abs_diff']:.3g} on features up to "
+                f"{record['scale']:.3g}, lowest cosine {record['min_cosine']:.4f})"
+            )
+        line = f"extraction: the {runtime} graph of {printable(name)} {why}; extracting it with {instead} instead"
+        warnings.warn(line, ExtractionRuntimeWarning, stacklevel=3)
+        if self.log:
+            self.log(line)
+
+    def _how(self, indices) -> tuple[dict, dict, str]:
+        """``run_branches``' last arguments for ``indices``: the onnxruntime runners, the stats, the torch precision."""
+        precision = "bf16" if any(self.plans[i].runtime == "bf16" for i in indices) else "fp32"
+        return self._runners(indices), self.stats, precision
+
+    def _runners(self, indices) -> dict:
+        """``{branch index: run(images) -> features}`` for the branches of ``indices`` that onnxruntime runs."""
+        runners = {}
+        for i in indices:
+            plan = self.plans[i]
+            if plan.runtime not in ONNX_RUNTIMES:
+                continue
+            if plan.sha256 not in self.sessions:
+                self.sessions[plan.sha256] = onnx_session(plan.graph)
+            runners[i] = _session_runner(self.sessions[plan.sha256])
+        return runners
 
     def _extract_sharded(self, model, dataset, keys, shapes, names, batch_size, num_workers, device, progress) -> int:
         """Collective: each rank extracts its slice of the images (each image exactly once) into a
@@ -350,7 +549,7 @@ class FeatureCache:
         loader = make_loader(dataset.subset(list(part)), model, batch_size, num_workers)
         label = f"{extracting_label(model, missing)} (rank {me}/{world})"
         with Progress(len(part), label, progress and me == 0) as bar:
-            run_branches(model, loader, missing, buffers, device, bar, self.runtime, self.onnx_runners)
+            run_branches(model, loader, missing, buffers, device, bar, *self._how(missing))
         bad = [scan(buffer, digest=False)[1] for buffer in buffers]
         for buffer in buffers:
             buffer.flush()
@@ -399,38 +598,99 @@ def extracting_label(model, indices) -> str:
     return "extracting " + ", ".join(printable(model.branches[i].name) for i in indices)
 
 
+def _session_runner(session):
+    def run(images: torch.Tensor) -> torch.Tensor:
+        x = to_channels(images.detach().float().cpu(), 3).numpy()
+        return torch.from_numpy(session.run(None, {"images": x})[0])
+
+    return run
+
+
+def prefetched(batches, depth: int | None = None, stats: dict | None = None):
+    """Iterate ``batches`` (a DataLoader) with up to ``depth`` batches decoded ahead by a background
+    thread, so JPEG decoding and resizing overlap the forward pass (both release the GIL); the time
+    spent waiting for a batch is added to ``stats["wait_seconds"]``. ``depth``: PREFETCH_BATCHES by default."""
+    depth = PREFETCH_BATCHES if depth is None else depth
+    stats = stats if stats is not None else {}
+    stats.setdefault("wait_seconds", 0.0)
+    if depth <= 0:
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            stats["wait_seconds"] += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+    done, stop = object(), threading.Event()
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce():
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+
+    thread = threading.Thread(target=produce, name="fusion-engine-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            start = time.perf_counter()
+            item = ready.get()
+            stats["wait_seconds"] += time.perf_counter() - start
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        thread.join()
+
+
 @torch.inference_mode()
 def run_branches(
-    model, loader, indices, outputs, device, progress, runtime: str = "torch", onnx_runners: dict | None = None
+    model,
+    loader,
+    indices,
+    outputs,
+    device,
+    progress,
+    runners: dict | None = None,
+    stats: dict | None = None,
+    precision: str = "fp32",
 ) -> None:
-    """Fill ``outputs[j]`` with branch ``indices[j]``'s features, batch by batch, with ``runtime``:
-    torch (float32; channels_last on the CPU), bf16 (bfloat16 autocast) or onnx (onnxruntime, CPU;
-    the exported graph is kept in ``onnx_runners`` for the same model, branches and weights)."""
+    """Fill ``outputs[j]`` with branch ``indices[j]``'s features, batch by batch: branches in ``runners``
+    with their callable (onnxruntime), the others together with torch (channels_last on the CPU, in
+    ``precision``: fp32, or bf16 autocast). Images are decoded a few batches ahead (:func:`prefetched`)."""
     model.eval()
+    runners = runners or {}
+    with_torch = [i for i in indices if i not in runners]
     with contextlib.ExitStack() as stack:
-        if runtime == "onnx":
-            if torch.device(device).type != "cpu":
-                raise ConfigError(
-                    f"extraction runtime 'onnx' runs on the CPU, not on {device}; use 'torch' or 'bf16' "
-                    "there (--extract-runtime)"
-                )
-
-            onnx_runners = {} if onnx_runners is None else onnx_runners
-            key = (id(model), tuple(indices), tuple(tensors_digest(model.branches[i]) for i in indices))
-            if key not in onnx_runners:
-                onnx_runners[key] = features_runner(model, indices, input_size_for(model))
-            run = onnx_runners[key]
-        else:
+        if with_torch:
             memory_format = stack.enter_context(fast_memory_format(model, device))
-            stack.enter_context(autocast(device, "bf16" if runtime == "bf16" else "fp32"))
-
-            def run(images):
-                return model.branch_features(images.to(device).contiguous(memory_format=memory_format), indices)
-
+            stack.enter_context(autocast(device, precision))
         row = 0
-        for images, _ in loader:
-            features = run(images)
-            for out, f in zip(outputs, features):
-                out[row : row + len(images)] = f.float().cpu().numpy()
+        for images, _ in prefetched(loader, stats=stats):
+            found = {}
+            if with_torch:
+                x = images.to(device).contiguous(memory_format=memory_format)
+                found.update(zip(with_torch, model.branch_features(x, with_torch)))
+            for i, run in runners.items():
+                found[i] = run(images)
+            for out, i in zip(outputs, indices):
+                out[row : row + len(images)] = found[i].float().cpu().numpy()
             row += len(images)
             progress.update(len(images))

@@ -21,6 +21,8 @@ from fusion_engine.training.baselines import fit_baselines, handcrafted_for
 from fusion_engine.training.config import TrainConfig, resolve_device, seed_everything, train_config
 from fusion_engine.training.evaluation import logits_from_features
 from fusion_engine.training.feature_cache import FeatureCache
+from fusion_engine.training.top_blocks import TopBlocks
+from fusion_engine.training.view_selection import fit_with_views
 
 
 def _shown(classes) -> str:
@@ -75,7 +77,7 @@ def fit(
     device = resolve_device(config.device)
     clock.lap(None)  # options and device: part of "other"
     train_ds, val_ds = prepare_data(model, train, val, config)
-    cache = FeatureCache(cache_dir, enabled=use_cache, runtime=config.extract_runtime)
+    cache = FeatureCache(cache_dir, enabled=use_cache, runtime=config.extract_runtime, log=log)
     history: dict = {"mode": config.mode, "n_train": len(train_ds), "n_val": len(val_ds), "config": config.model_dump()}
     clock.lap("data")
     if config.mode == "finetune":
@@ -97,12 +99,27 @@ def fit(
         )
         clock.lap("finetune")
     model.to(device)
-    train_feats = cache.features(
-        model, train_ds, batch_size=config.batch_size, num_workers=config.num_workers, device=device, progress=progress
-    )
-    val_feats = cache.features(
-        model, val_ds, batch_size=config.batch_size, num_workers=config.num_workers, device=device, progress=progress
-    )
+    top = TopBlocks(model, config.train_blocks) if config.train_blocks else None
+    if top is not None:  # trunk activations for the tops (the other branches' features), cached
+        train_feats = top.inputs(cache, train_ds, config, device, progress=progress)
+        val_feats = top.inputs(cache, val_ds, config, device, progress=progress)
+    else:
+        train_feats = cache.features(
+            model,
+            train_ds,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            device=device,
+            progress=progress,
+        )
+        val_feats = cache.features(
+            model,
+            val_ds,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            device=device,
+            progress=progress,
+        )
     if distributed.active():  # the collective part is over: rank 0 trains the head and saves alone
         history["rank"] = distributed.finish()
         if history["rank"] != 0:
@@ -114,16 +131,27 @@ def fit(
         val_hand = np.asarray(handcrafted_for(val_ds, cache, progress=progress))
     clock.lap("extraction")
     seed_everything(config.seed)  # extraction draws random numbers only on a cache miss: same start either way
+    averaged_val_feats = None  # the validation features flip-averaged, when the model averages
     if config.mode == "frozen":
         y, y_val = train_ds.targets, val_ds.targets
-        if getattr(model.fusion, "requires_fit", False):
+        if config.feature_views or config.flip_average:  # which views to train on, chosen on validation
+            trainer = lambda head, *data: train_head(head, *data, config, device, log)  # noqa: E731
+            entries, averaged_val_feats = fit_with_views(
+                model, cache, train_ds, val_ds, train_feats, val_feats, config, device, trainer, progress
+            )
+            history.update(entries)
+        elif getattr(model.fusion, "requires_fit", False):
             model.fusion.fit([np.asarray(f) for f in train_feats], y)
             history["epochs"] = []
+        elif top is not None:
+            history["epochs"] = top.train(train_feats, y, val_feats, y_val, config, device, progress=progress)
+            train_feats, val_feats = top.features(train_feats, device), top.features(val_feats, device)
         else:
             history["epochs"] = train_head(
                 model.fusion, train_feats, y, val_feats, y_val, config, device, log, progress=progress
             )
-    val_pred = logits_from_features(model.fusion, val_feats, device=device).argmax(1)
+    seen = val_feats if averaged_val_feats is None else averaged_val_feats
+    val_pred = logits_from_features(model.fusion, seen, device=device).argmax(1)
     history["val_accuracy"] = float((val_pred == val_ds.targets).mean())
     history["head_seconds"] = round(clock.lap("head"), 3)
     if config.baselines:

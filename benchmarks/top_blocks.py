@@ -1,0 +1,130 @@
+"""Top-block fine-tuning on cached trunk activations: held-out accuracy and wall time for K = 0, 1, 2.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/top_blocks.py --limit 3000 --held-out 1000   # 2000/1000
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/top_blocks.py                                # 6000/2000
+
+One MobileNetV2 branch (--weights, from ../shared/weights) with a concat head, trained with ``train_blocks`` K
+(0: the frozen features and a linear head, as today). Per K: activation/feature extraction and training wall time
+(a fresh cache folder, so extraction is measured cold), validation and held-out accuracy, and the trained model's
+inference speed next to the K=0 model's, measured side by side (alternating) on the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from shared_data import DATASETS, SHARED
+
+from fusion_engine import Engine
+from fusion_engine.core.data import load_dataset, stratified_split
+from fusion_engine.core.loader import make_loader
+
+
+@torch.inference_mode()
+def held_out(model, test, batch_size: int = 64) -> tuple[float, float]:
+    """(accuracy, images per second) of the full model on ``test``."""
+    model.eval()
+    predictions, start = [], time.perf_counter()
+    for images, _ in make_loader(test, model, batch_size):
+        predictions.append(model(images).argmax(1).numpy())
+    seconds = time.perf_counter() - start
+    return float((np.concatenate(predictions) == test.targets).mean()), len(test) / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="cifar")
+    parser.add_argument("--limit", type=int, help="use only this many images (stratified), then hold out --held-out")
+    parser.add_argument("--held-out", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", default="mobilenetv2_100.tf1_quant_in1k")
+    parser.add_argument("--blocks", default="0,1,2", help="the K values, comma-separated")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
+    parser.add_argument("--backbone-lr", type=float, default=1e-4, help="top blocks' learning rate")
+    parser.add_argument("--speed-images", type=int, default=256, help="images per inference-speed measurement")
+    parser.add_argument("--cache-dir", help="reuse this cache folder (default: a fresh one: extraction measured cold)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    os.environ.setdefault("FUSION_ENGINE_WEIGHTS_DIR", str(SHARED / "weights"))
+    data = load_dataset(SHARED / "data" / DATASETS[args.dataset])
+    if args.limit:
+        data, _ = stratified_split(data, len(data) - args.limit, args.seed)
+    train, test = stratified_split(data, args.held_out, args.seed)
+    print(
+        f"{args.dataset}: {len(train)} train (15% of it validation) / {len(test)} held-out; {args.weights}; "
+        f"{torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
+    engine = Engine.from_plugins()
+    rows, models = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = args.cache_dir or tmp
+        for k in [int(b) for b in args.blocks.split(",")]:
+            torch.manual_seed(args.seed)
+            model = engine.build(
+                {"backbones": [{"name": "timm", "weights": args.weights}], "fusion": "concat"}, class_names=data.classes
+            )
+            start = time.perf_counter()
+            history = model.fit(
+                train,
+                train_blocks=k,
+                epochs=args.epochs,
+                lr=args.lr,
+                backbone_lr=args.backbone_lr,
+                seed=args.seed,
+                cache_dir=cache_dir,
+                baselines=False,
+                progress=True,
+                log=lambda *a, **kw: None,
+            )
+            fit_seconds = time.perf_counter() - start
+            accuracy, _ = held_out(model, test)
+            models[k] = model
+            rows.append(
+                {
+                    "K": k,
+                    "held_out_accuracy": round(accuracy, 4),
+                    "stderr": round((accuracy * (1 - accuracy) / len(test)) ** 0.5, 4),
+                    "val_accuracy": round(history["val_accuracy"], 4),
+                    "epochs": len(history["epochs"]),
+                    "extract_seconds": history["extract_seconds"],
+                    "train_seconds": history["head_seconds"],
+                    "fit_seconds": round(fit_seconds, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    sample = test.subset(list(range(min(args.speed_images, len(test)))))
+    speeds: dict[int, list[float]] = {k: [] for k in models}
+    for _ in range(2):  # alternating, so that load from other processes hits every model alike
+        for k, model in models.items():
+            speeds[k].append(held_out(model, sample)[1])
+    base = max(speeds[min(models)])
+    for row in rows:
+        row["images_per_second"] = round(max(speeds[row["K"]]), 1)
+        row["speed_vs_first"] = round(max(speeds[row["K"]]) / base, 3)
+    print(
+        "| K | held-out acc (+-1 s.e.) | val acc | epochs | extraction s | training s | fit s | img/s | speed ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['K']} | {r['held_out_accuracy']:.4f} +- {r['stderr']:.4f} | {r['val_accuracy']:.4f} | {r['epochs']} "
+            f"| {r['extract_seconds']:.1f} | {r['train_seconds']:.1f} | {r['fit_seconds']:.1f} "
+            f"| {r['images_per_second']:.1f} | {r['speed_vs_first']:.3f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Top-block fine-tuning on cached trunk activations (issue #15, first item): the split reproduces the backbone, the
+cached path gives the full model's features, training moves the top and not the trunk, the activation cache is
+keyed by weights and K, the trained model saves, loads, exports and signs like any other, and what cannot be split
+is refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fusion_engine import ConfigError, Engine, hookimpl, load
+from fusion_engine.cli.main import main
+from fusion_engine.core.data import load_dataset
+from fusion_engine.core.loader import make_loader
+from fusion_engine.training.config import train_config
+from fusion_engine.training.evaluation import logits_from_features
+from fusion_engine.training.feature_cache import FeatureCache
+from fusion_engine.training.top_blocks import TopBlocks
+
+EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32, "pretrained": False}
+RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32, "pretrained": False}
+CLASSES = ["zero", "one", "two", "three"]
+QUIET = {"progress": False, "log": lambda *a, **k: None}
+
+
+class Pixels(nn.Module):
+    """A backbone without ``split``: grey pixels as a vector."""
+
+    data_config = {
+        "input_size": (3, 8, 8),
+        "mean": (0.0, 0.0, 0.0),
+        "std": (1.0, 1.0, 1.0),
+        "interpolation": "bilinear",
+    }
+
+    def forward(self, x):
+        return x.mean(1).flatten(1)
+
+
+class PixelsPlugin:
+    @hookimpl
+    def register_backbones(self, register):
+        register("pixels", Pixels, description="grey pixels (test backbone)")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_plugins()
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sklearn.datasets import load_digits
+
+    d = load_digits(n_class=4)
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)
+    return load_dataset((x[:80], d.target[:80]), classes=CLASSES)
+
+
+def build(engine, backbones=(EFFNET, RESNET), fusion="concat"):
+    torch.manual_seed(0)
+    return engine.build({"backbones": list(backbones), "fusion": fusion}, class_names=CLASSES)
+
+
+@pytest.mark.parametrize("spec", [EFFNET, RESNET], ids=["efficientnet", "resnet"])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_split_reproduces_the_backbone(engine, spec, blocks):
+    backbone = build(engine, [spec]).branches[0].backbone.eval()
+    trunk, top = backbone.split(blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(top(trunk(x)), backbone(x))
+    top_params = {id(p) for p in top.parameters()}
+    assert top_params and top_params <= {id(p) for p in backbone.parameters()}  # the backbone's own modules
+    assert not top_params & {id(p) for p in trunk.parameters()}
+
+
+def test_cached_path_gives_the_full_models_logits(engine, data, tmp_path):
+    model = build(engine).eval()
+    top = TopBlocks(model, 1)
+    inputs = top.inputs(FeatureCache(tmp_path), data, train_config(train_blocks=1), "cpu", progress=False)
+    assert inputs[0].shape == (len(data), int(np.prod(top.tops[0].shape)))
+    cached = logits_from_features(model.fusion, top.features(inputs, "cpu"))
+    with torch.no_grad():
+        full = torch.cat([model(images) for images, _ in make_loader(data, model, 32)]).numpy()
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-5)  # channels_last extraction vs NCHW
+
+
+def test_training_moves_the_top_blocks_and_nothing_below(engine, data):
+    model = build(engine)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = model.fit(data, train_blocks=1, epochs=3, lr=1e-2, backbone_lr=1e-2, use_cache=False, **QUIET)
+    assert history["epochs"] and model.fitted
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    effnet, resnet = "branches.0.backbone.model.", "branches.1.backbone.model."
+    assert any(k.startswith(effnet + "blocks.4.") for k in changed)  # the last stage
+    assert any(k.startswith(effnet + "conv_head.") for k in changed)  # and the head conv after it
+    assert any(k.startswith(resnet + "layer4.") for k in changed)
+    assert any(k.startswith("fusion.") for k in changed)
+    below = tuple(effnet + name for name in ("conv_stem", "bn1", "blocks.0", "blocks.3")) + (resnet + "layer3",)
+    trunk = [k for k in before if k.startswith(below)]
+    assert trunk and not changed & set(trunk)
+    assert not {k for k in changed if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert not any(p.requires_grad for b in model.branches for p in b.backbone.parameters())  # still frozen
+
+
+def test_activation_cache_is_keyed_by_weights_and_k(engine, data, tmp_path):
+    model = build(engine)
+    config = train_config(train_blocks=1)
+    one, two = TopBlocks(model, 1), TopBlocks(model, 2)
+    digest = data.digest()
+    key = one.keys(digest)[0]
+    assert key != two.keys(digest)[0]
+    cache = FeatureCache(tmp_path)
+    one.inputs(cache, data, config, "cpu", progress=False)
+    assert cache.stats == {**cache.stats, "hits": 0, "extracted": 2}
+    one.inputs(cache, data, config, "cpu", progress=False)
+    assert cache.stats["hits"] == 2 and cache.stats["extracted"] == 2
+    two.inputs(cache, data, config, "cpu", progress=False)
+    assert cache.stats["extracted"] == 4  # K=2: other activations, extracted again
+    with torch.no_grad():
+        model.branches[0].backbone.model.blocks[0][0].conv.weight.mul_(1.5)  # changed trunk weights
+    assert TopBlocks(model, 1).keys(digest)[0] != key
+    fresh = one.inputs(FeatureCache(enabled=False), data, config, "cpu", progress=False)[0]
+    again = TopBlocks(model, 1).inputs(cache, data, config, "cpu", progress=False)[0]
+    assert cache.stats["extracted"] == 5  # the changed branch only; the other one's entry still hits
+    np.testing.assert_array_equal(again, fresh)  # the new weights' activations, not the stale entry
+
+
+def test_frozen_branches_share_the_ordinary_feature_cache(register_plugin, data, tmp_path):
+    """A branch that cannot be split stays frozen and reads the same entry a K=0 run writes."""
+    register_plugin(PixelsPlugin())
+    model = build(Engine.from_plugins(), [EFFNET, {"name": "pixels"}])
+    config = train_config(train_blocks=1)
+    FeatureCache(tmp_path).features(model, data, progress=False)
+    top = TopBlocks(model, 1)
+    assert top.frozen == [1]
+    cache = FeatureCache(tmp_path)
+    inputs = top.inputs(cache, data, config, "cpu", progress=False)
+    assert cache.stats["hits"] == 1 and cache.stats["extracted"] == 1  # pixels hit, activations extracted
+    assert inputs[1].shape == (len(data), model.branches[1].feature_dim)
+
+
+def test_trained_model_saves_loads_exports_and_signs(engine, data, tmp_path):
+    from fusion_engine.artifacts.signing import generate_keypair
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"backbones": [EFFNET | {"input_size": 24}, RESNET], "fusion": "concat"}))
+    private, public = generate_keypair(tmp_path / "signing.pem")
+    run = tmp_path / "run"
+    args = ["train", "--config", str(config), "--data", "digits", "--train-blocks", "1", "--epochs", "2"]
+    args += ["--no-cache", "--no-baselines", "--out", str(run), "--sign-key", str(private), "-q"]
+    assert main(args) == 0
+    model = load(run, public_key=public)
+    assert model.history["config"]["train_blocks"] == 1
+    images = torch.rand(6, 3, 24, 24)
+    torch.testing.assert_close(load(run).predict_proba(images), model.predict_proba(images))
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0  # parity checked
+    assert main(["compress", str(run), "--method", "fp16", "--out", str(tmp_path / "small"), "-q"]) == 0
+    np.testing.assert_allclose(load(tmp_path / "small").predict_proba(images), model.predict_proba(images), atol=2e-2)
+
+
+def test_save_and_load_reproduce_the_trained_predictions(engine, data, tmp_path):
+    model = build(engine)
+    model.fit(data, train_blocks=2, epochs=2, use_cache=False, baselines=False, **QUIET)
+    model.save(tmp_path / "run")
+    images = torch.rand(5, 3, 32, 32)
+    np.testing.assert_array_equal(load(tmp_path / "run").predict_proba(images), model.predict_proba(images))
+
+
+def test_refusals_name_the_problem_and_the_fix(engine, data):
+    vit = build(engine, [{"name": "timm", "model": "test_vit", "pretrained": False}])
+    with pytest.raises(ConfigError, match=r"EfficientNet.*ResNet.*--train-blocks 0"):
+        TopBlocks(vit, 1)
+    with pytest.raises(ConfigError, match="has 5 stages; choose 0 to 5"):
+        TopBlocks(build(engine, [EFFNET]), 6)
+    with pytest.raises(ConfigError, match="fitted, not trained by gradient"):
+        TopBlocks(build(engine, fusion="stacking"), 1)
+    with pytest.raises(ConfigError, match="train_blocks.*unfreeze"):
+        train_config(mode="finetune", train_blocks=1)
+    with pytest.raises(ConfigError, match="drop --extract-runtime bf16"):
+        TopBlocks(build(engine, [EFFNET]), 1).inputs(FeatureCache(runtime="bf16"), data, train_config(), "cpu")
