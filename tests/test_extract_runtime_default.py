@@ -130,14 +130,18 @@ def test_a_branch_that_cannot_be_exported_is_extracted_with_torch_and_says_so(mo
         raise feature_cache.ExportError("torch.onnx.export failed: GuardOnDataDependentSymNode")
 
     monkeypatch.setattr(feature_cache, "branch_graph", fails)
+    monkeypatch.setattr(feature_cache, "UNEXPORTABLE", set())
     lines = []
     cache = FeatureCache(tmp_path, runtime="auto", log=lines.append)
-    with pytest.warns(ExtractionRuntimeWarning, match="cannot be exported"):
-        features = cache.features(model, data, progress=False)[0]
+    features = cache.features(model, data, progress=False)[0]
     assert [p.runtime for p in cache.plans] == ["torch"]
-    assert any(
-        "cannot be exported (torch.onnx.export failed" in line and "with torch instead" in line for line in lines
-    )
+    assert lines == [
+        "extraction: timm:test_resnet has no ONNX graph (torch.onnx.export failed: GuardOnDataDependentSymNode); "
+        "it runs in torch"
+    ]
+    again = FeatureCache(tmp_path / "other", runtime="auto", log=lines.append)
+    again.features(model, data, progress=False)
+    assert len(lines) == 1 and [p.runtime for p in again.plans] == ["torch"]  # not tried, nor said, twice
     reference = FeatureCache(tmp_path, runtime="torch")
     np.testing.assert_array_equal(reference.features(model, data, progress=False)[0], features)
 

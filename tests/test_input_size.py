@@ -74,3 +74,16 @@ def test_the_estimator_sizes_branches_to_array_images():
     x = np.random.default_rng(0).integers(0, 255, (20, 8, 8), dtype=np.uint8)
     est = FusionClassifier(config, epochs=1, use_cache=False, baselines=False).fit(x, np.arange(20) % 2)
     assert est.model_.branches[0].backbone.data_config["input_size"][-1] == 64
+
+
+def test_the_cap_applies_to_the_size_a_weights_index_entry_gives():
+    from fusion_engine.core.weights_index import all_entries
+
+    name = "mobilenetv1_075.tf1_quant_in1k"  # shipped by fusion-engine-weights at 192 px
+    if name not in all_entries():
+        pytest.skip("fusion-engine-weights is not installed (pip install ./plugins/fusion-engine-weights)")
+    config = {"backbones": [{"name": "timm", "weights": name}], "num_classes": 2}
+    model = Engine.from_plugins().build(sized_to_data(config, images(32)))
+    assert model.branches[0].backbone.data_config["input_size"][-2:] == (160, 160)
+    model = Engine.from_plugins().build(sized_to_data(config, images(48)))  # cap 256: the entry's 192 stays
+    assert model.branches[0].backbone.data_config["input_size"][-2:] == (192, 192)

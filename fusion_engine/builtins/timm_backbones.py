@@ -267,6 +267,7 @@ def timm_backbone(
     from timm.data import resolve_model_data_config
 
     model_kwargs = dict(model_kwargs or {})
+    explicit_size = input_size is not None  # the caller's; a weights index entry's own size may still be capped
     source = reason = net = None
     if weights is None and pretrained is not False:
         if not model:
@@ -324,11 +325,11 @@ def timm_backbone(
         _load_local(net, weights, entry)
         source = source or f"file:{weights}"
     config = dict(resolve_model_data_config(net))
-    if input_size is None and max_input_size is not None and max(config["input_size"][-2:]) > max_input_size:
-        input_size = max_input_size
     if input_size is not None:
         size = [input_size] * 2 if isinstance(input_size, int) else list(input_size)[-2:]
         config["input_size"] = (config["input_size"][0], *size)
+    if not explicit_size and max_input_size is not None and max(config["input_size"][-2:]) > max_input_size:
+        config["input_size"] = (config["input_size"][0], max_input_size, max_input_size)
     for key, value in (("mean", mean), ("std", std), ("interpolation", interpolation)):
         if value is not None:
             config[key] = tuple(value) if isinstance(value, list) else value

@@ -68,6 +68,7 @@ from fusion_engine.runtime.runtimes import autocast, fast_memory_format
 CACHE_VERSION = "features-v2"  # v2: keyed by the architecture, not by how the weights were named
 ENTRY_FORMAT = "fusion-engine-feature-entry/1"
 EXTRACT_RUNTIMES = ("auto", "torch", "bf16", "onnx", "int8")
+UNEXPORTABLE: set[str] = set()  # graph keys of branches torch.onnx failed to export, in this process
 ONNX_RUNTIMES = ("onnx", "int8")  # run by onnxruntime from a graph exported per branch
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")  # what exporting and running a graph needs
 PARITY_IMAGES = 16  # real images each exported graph is compared with torch on, once
@@ -438,10 +439,16 @@ class FeatureCache:
                 "there (--extract-runtime)"
             )
         name = model.branches[index].name
+        key = graph_key(model, index, "onnx")
+        if key in UNEXPORTABLE:
+            return Plan("torch")
         try:
             fp32, record = self._graph(model, index, "onnx", dataset)
         except ExportError as e:  # a branch torch.onnx cannot trace (numpy inside, as handcrafted features)
-            self._fall_back(name, "onnx", "torch", {"error": ":".join(str(e).split(":")[:2])})
+            UNEXPORTABLE.add(key)  # not tried again in this process
+            if self.log:
+                why = ":".join(str(e).split(":")[:2])
+                self.log(f"extraction: {printable(name)} has no ONNX graph ({why}); it runs in torch")
             return Plan("torch")
         if not record["passed"]:
             self._fall_back(name, "onnx", "torch", record)
@@ -493,14 +500,11 @@ class FeatureCache:
         if (name, runtime) in self._fell_back:  # said once per cache, not once per dataset
             return
         self._fell_back.add((name, runtime))
-        if "error" in record:
-            why = f"cannot be exported ({record['error']})"
-        else:
-            why = (
-                f"disagrees with torch (max abs diff {record['max_abs_diff']:.3g} on features up to "
-                f"{record['scale']:.3g}, lowest cosine {record['min_cosine']:.4f})"
-            )
-        line = f"extraction: the {runtime} graph of {printable(name)} {why}; extracting it with {instead} instead"
+        line = (
+            f"extraction: the {runtime} graph of {printable(name)} disagrees with torch (max abs diff "
+            f"{record['max_abs_diff']:.3g} on features up to {record['scale']:.3g}, lowest cosine "
+            f"{record['min_cosine']:.4f}); extracting it with {instead} instead"
+        )
         warnings.warn(line, ExtractionRuntimeWarning, stacklevel=3)
         if self.log:
             self.log(line)
