@@ -100,26 +100,20 @@ def fit(
         clock.lap("finetune")
     model.to(device)
     top = TopBlocks(model, config.train_blocks) if config.train_blocks else None
-    if top is not None:  # trunk activations for the tops (the other branches' features), cached
-        train_feats = top.inputs(cache, train_ds, config, device, progress=progress)
-        val_feats = top.inputs(cache, val_ds, config, device, progress=progress)
-    else:
-        train_feats = cache.features(
+
+    def extract(dataset):  # features, or for the tops their trunk activations (the other branches' features)
+        if top is not None:
+            return top.inputs(cache, dataset, config, device, progress=progress)
+        return cache.features(
             model,
-            train_ds,
+            dataset,
             batch_size=config.batch_size,
             num_workers=config.num_workers,
             device=device,
             progress=progress,
         )
-        val_feats = cache.features(
-            model,
-            val_ds,
-            batch_size=config.batch_size,
-            num_workers=config.num_workers,
-            device=device,
-            progress=progress,
-        )
+
+    train_feats, val_feats = extract(train_ds), extract(val_ds)
     if distributed.active():  # the collective part is over: rank 0 trains the head and saves alone
         history["rank"] = distributed.finish()
         if history["rank"] != 0:
