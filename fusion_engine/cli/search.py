@@ -101,9 +101,8 @@ def run_search(args) -> int:
         train_data, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, log=log
     )
     device = train_config.device if train_config.device != "auto" else "cpu"
-    report = model.evaluate(
-        test_data, cache=FeatureCache(args.cache_dir, enabled=not args.no_cache), device=device, progress=not args.quiet
-    )
+    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache, runtime=train_config.extract_runtime, log=log)
+    report = model.evaluate(test_data, cache=cache, device=device, progress=not args.quiet)  # the search's graphs
     result.final = {
         "held_out_accuracy": report["accuracy"],
         "macro_f1": report["macro_f1"],
