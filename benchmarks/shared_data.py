@@ -1,6 +1,7 @@
 """The shared real datasets and the seeded held-out split every accuracy benchmark uses.
 
-CIFAR-10 JPEG 8k: 6000 train / 2000 held-out; USPS 7291: 5291 / 2000 (stratified, seed 0).
+CIFAR-10 JPEG 8k: 6000 train / 2000 held-out; USPS 7291: 5291 / 2000; Fashion-MNIST: its 60000 training
+images, 2000 held out (stratified, seed 0).
 ``--limit N`` keeps a stratified subset of N images (quick checks) with a quarter held out.
 """
 
@@ -14,7 +15,7 @@ import torch
 from fusion_engine.core.data import load_dataset, stratified_split
 
 SHARED = Path(os.environ.get("FUSION_ENGINE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-DATASETS = {"cifar": "cifar10_jpeg_train8k.npz", "usps": "usps_train.npz"}
+DATASETS = {"cifar": "cifar10_jpeg_train8k.npz", "usps": "usps_train.npz", "fashion": "fashion_mnist.npz"}
 
 
 def add_split_arguments(parser) -> None:
