@@ -443,7 +443,7 @@ class FeatureCache:
         if key in UNEXPORTABLE:
             return Plan("torch")
         try:
-            fp32, record = self._graph(model, index, "onnx", dataset)
+            fp32, record = self._graph(key, model, index, "onnx", dataset)
         except ExportError as e:  # a branch torch.onnx cannot trace (numpy inside, as handcrafted features)
             UNEXPORTABLE.add(key)  # not tried again in this process
             if self.log:
@@ -455,16 +455,15 @@ class FeatureCache:
             return Plan("torch")
         if runtime == "onnx":
             return Plan("onnx", fp32, record["sha256"])
-        int8, record = self._graph(model, index, "int8", dataset, fp32)
+        int8, record = self._graph(graph_key(model, index, "int8"), model, index, "int8", dataset, fp32)
         if not record["passed"]:
             self._fall_back(name, "int8", "onnx", record)
             return Plan("onnx", fp32, record.get("fp32_sha256"))
         return Plan("int8", int8, record["sha256"])
 
-    def _graph(self, model, index: int, kind: str, dataset, fp32: bytes | None = None) -> tuple[bytes, dict]:
-        """Branch ``index``'s graph of ``kind`` (onnx, or int8 made from ``fp32``) and its parity record:
-        from the graph store, else exported (int8: quantised, calibrated on the dataset at hand) and checked."""
-        key = graph_key(model, index, kind)
+    def _graph(self, key: str, model, index: int, kind: str, dataset, fp32: bytes | None = None) -> tuple[bytes, dict]:
+        """Branch ``index``'s graph of ``kind`` (onnx, or int8 made from ``fp32``), stored under ``key``, and its
+        parity record: from the graph store, else exported (int8: quantised, calibrated on the data at hand), checked."""
 
         def make():
             start = time.perf_counter()
