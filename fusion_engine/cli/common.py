@@ -71,7 +71,7 @@ def train_config_from(args):
             lr=args.lr,
             backbone_lr=args.backbone_lr,
             unfreeze=args.unfreeze,
-            train_blocks=getattr(args, "train_blocks", None),
+            train_blocks=args.train_blocks,
             augment=not args.no_augment,
             mixup=args.mixup,
             cutmix=args.cutmix,
@@ -81,7 +81,7 @@ def train_config_from(args):
             val_fraction=args.val_fraction,
             extract_runtime=args.extract_runtime,
             baselines=False if getattr(args, "no_baselines", False) else None,
-            **view_options(getattr(args, "views", None)),
+            **view_options(args.views),
         )
     )
 

@@ -67,7 +67,7 @@ def run_search(args) -> int:
             "--search works on frozen, cached features; train the chosen config with --mode finetune "
             "afterwards (fusion-engine train --config RUN_DIR.config.json --mode finetune)"
         )
-    if getattr(args, "train_blocks", None):
+    if args.train_blocks:
         raise ConfigError(
             "--search scores heads on frozen, cached features and does not try --train-blocks; train the chosen "
             "config with it afterwards (fusion-engine train --config RUN_DIR.config.json --train-blocks K)"
