@@ -1,12 +1,16 @@
 """Top-block fine-tuning on cached trunk activations: held-out accuracy and wall time for K = 0, 1, 2.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/top_blocks.py --limit 3000 --held-out 1000   # 2000/1000
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/top_blocks.py                                # 6000/2000
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/top_blocks.py --rows 0,2,2:flip \
+        --weights mobilenetv2_100.tf1_quant_in1k,mobilenetv2_100.tf2_ptq_in1k,mobilenetv1_075.tf1_quant_in1k \
+        --input-size 160                                                                  # 6000/2000, 3 branches
 
-One MobileNetV2 branch (--weights, from ../shared/weights) with a concat head, trained with ``train_blocks`` K
-(0: the frozen features and a linear head, as today). Per K: activation/feature extraction and training wall time
-(a fresh cache folder, so extraction is measured cold), validation and held-out accuracy, and the trained model's
-inference speed next to the K=0 model's, measured side by side (alternating) on the same images.
+The branches (--weights, from ../shared/weights) with a concat head, trained with ``train_blocks`` K (0: the frozen
+features and a linear head, as today) and optionally views (``K:flip``: the trunk activations of mirrored images
+too). Per row: activation/feature extraction and training wall time (one cache folder for all rows, fresh unless
+--cache-dir: a row's extraction is cold unless an earlier row extracted the same), validation and held-out
+accuracy, and the trained model's inference speed next to the first row's, measured side by side (alternating) on
+the same images.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="use only this many images (stratified), then hold out --held-out")
     parser.add_argument("--held-out", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", default="mobilenetv2_100.tf1_quant_in1k")
-    parser.add_argument("--blocks", default="0,1,2", help="the K values, comma-separated")
+    parser.add_argument("--weights", default="mobilenetv2_100.tf1_quant_in1k", help="one branch each, comma-separated")
+    parser.add_argument("--input-size", type=int, help="every branch's input side (default: each model's own)")
+    parser.add_argument("--rows", default="0,1,2", help="K or K:view+view per row, comma-separated (2:flip)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
     parser.add_argument("--backbone-lr", type=float, default=1e-4, help="top blocks' learning rate")
@@ -59,7 +64,8 @@ def main() -> int:
         data, _ = stratified_split(data, len(data) - args.limit, args.seed)
     train, test = stratified_split(data, args.held_out, args.seed)
     print(
-        f"{args.dataset}: {len(train)} train (15% of it validation) / {len(test)} held-out; {args.weights}; "
+        f"{args.dataset}: {len(train)} train (15% of it validation) / {len(test)} held-out; {args.weights} at "
+        f"{args.input_size or 'their own'} px; "
         f"{torch.get_num_threads()} threads",
         file=sys.stderr,
     )
@@ -67,15 +73,17 @@ def main() -> int:
     rows, models = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = args.cache_dir or tmp
-        for k in [int(b) for b in args.blocks.split(",")]:
+        size = {"input_size": [3, args.input_size, args.input_size]} if args.input_size else {}
+        backbones = [{"name": "timm", "weights": w, **size} for w in args.weights.split(",")]
+        for row in args.rows.split(","):
+            k, _, views = row.partition(":")
             torch.manual_seed(args.seed)
-            model = engine.build(
-                {"backbones": [{"name": "timm", "weights": args.weights}], "fusion": "concat"}, class_names=data.classes
-            )
+            model = engine.build({"backbones": backbones, "fusion": "concat"}, class_names=data.classes)
             start = time.perf_counter()
             history = model.fit(
                 train,
-                train_blocks=k,
+                train_blocks=int(k),
+                feature_views=views.split("+") if views else [],
                 epochs=args.epochs,
                 lr=args.lr,
                 backbone_lr=args.backbone_lr,
@@ -87,10 +95,10 @@ def main() -> int:
             )
             fit_seconds = time.perf_counter() - start
             accuracy, _ = held_out(model, test)
-            models[k] = model
+            models[row] = model
             rows.append(
                 {
-                    "K": k,
+                    "row": row,
                     "held_out_accuracy": round(accuracy, 4),
                     "stderr": round((accuracy * (1 - accuracy) / len(test)) ** 0.5, 4),
                     "val_accuracy": round(history["val_accuracy"], 4),
@@ -102,21 +110,21 @@ def main() -> int:
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     sample = test.subset(list(range(min(args.speed_images, len(test)))))
-    speeds: dict[int, list[float]] = {k: [] for k in models}
+    speeds: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(2):  # alternating, so that load from other processes hits every model alike
         for k, model in models.items():
             speeds[k].append(held_out(model, sample)[1])
-    base = max(speeds[min(models)])
+    base = max(speeds[rows[0]["row"]])
     for row in rows:
-        row["images_per_second"] = round(max(speeds[row["K"]]), 1)
-        row["speed_vs_first"] = round(max(speeds[row["K"]]) / base, 3)
+        row["images_per_second"] = round(max(speeds[row["row"]]), 1)
+        row["speed_vs_first"] = round(max(speeds[row["row"]]) / base, 3)
     print(
-        "| K | held-out acc (+-1 s.e.) | val acc | epochs | extraction s | training s | fit s | img/s | speed ratio |"
+        "| K:views | held-out acc (+-1 s.e.) | val acc | epochs | extraction s | training s | fit s | img/s | speed ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['K']} | {r['held_out_accuracy']:.4f} +- {r['stderr']:.4f} | {r['val_accuracy']:.4f} | {r['epochs']} "
+            f"| {r['row']} | {r['held_out_accuracy']:.4f} +- {r['stderr']:.4f} | {r['val_accuracy']:.4f} | {r['epochs']} "
             f"| {r['extract_seconds']:.1f} | {r['train_seconds']:.1f} | {r['fit_seconds']:.1f} "
             f"| {r['images_per_second']:.1f} | {r['speed_vs_first']:.3f} |"
         )

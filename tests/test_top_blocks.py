@@ -185,3 +185,38 @@ def test_refusals_name_the_problem_and_the_fix(engine, data):
         train_config(mode="finetune", train_blocks=1)
     with pytest.raises(ConfigError, match="drop --extract-runtime bf16"):
         TopBlocks(build(engine, [EFFNET]), 1).inputs(FeatureCache(runtime="bf16"), data, train_config(), "cpu")
+
+
+def test_views_are_cached_apart_and_each_row_reads_its_drawn_view(engine, data, tmp_path):
+    from fusion_engine.training.views import ViewDataset
+
+    model = build(engine).eval()
+    top = TopBlocks(model, 1)
+    config = train_config(train_blocks=1, feature_views=["flip"])
+    cache = FeatureCache(tmp_path)
+    plain = top.inputs(cache, data, config, "cpu", progress=False)
+    mirrored = top.inputs(cache, ViewDataset(data, "flip"), config, "cpu", progress=False)
+    assert cache.stats["extracted"] == 4 and cache.stats["hits"] == 0  # one entry per branch and view
+    assert not np.allclose(plain[0], mirrored[0])
+    rows, choice = np.arange(6), np.array([0, 1, 1, 0, 1, 0])
+    with torch.no_grad():
+        mixed = top.branch_features(plain, rows, "cpu", views=[mirrored], choice=choice)
+        from_plain = top.branch_features(plain, rows, "cpu")
+        from_mirrored = top.branch_features(mirrored, rows, "cpu")
+    for i in range(len(model.branches)):
+        expected = torch.where(torch.from_numpy(choice == 1)[:, None], from_mirrored[i], from_plain[i])
+        torch.testing.assert_close(mixed[i], expected)
+
+
+def test_fit_trains_the_tops_on_the_views_it_is_given(engine, data, tmp_path):
+    model = build(engine)
+    history = model.fit(data, train_blocks=1, feature_views=["flip"], epochs=2, cache_dir=tmp_path, **QUIET)
+    assert history["views"] == ["flip"] and len(history["epochs"]) == 2
+    assert history["cache"]["extracted"] == 6  # train, validation and the mirrored training images, two branches
+
+
+def test_views_with_top_blocks_must_be_named(engine):
+    with pytest.raises(ConfigError, match=r"name the views to train on.*--views flip"):
+        train_config(train_blocks=1, feature_views="auto")
+    with pytest.raises(ConfigError, match="flip_average=True chooses on frozen features only"):
+        train_config(train_blocks=1, flip_average=True)

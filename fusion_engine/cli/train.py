@@ -69,7 +69,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--views",
         help="frozen mode: also train on the features of these image views, each extracted once (flip, shift), "
-        "and/or flip-average at prediction (flip-average): e.g. flip,shift,flip-average; auto: what validation prefers",
+        "and/or flip-average at prediction (flip-average): e.g. flip,shift,flip-average; auto: what validation prefers; "
+        "with --train-blocks, name the views (flip): the tops train on their trunk activations too",
     )
     p.add_argument("--no-augment", action="store_true", help="finetune without data augmentation")
     p.add_argument("--mixup", type=float, help="finetune: mixup alpha")

@@ -74,10 +74,15 @@ class TrainConfig(BaseModel):
     @field_validator("feature_views", "flip_average")
     @classmethod
     def _on_frozen_features(cls, value, info: ValidationInfo):
-        if value and (info.data.get("mode") != "frozen" or info.data.get("train_blocks")):
+        if value and info.data.get("mode") != "frozen":
             raise ValueError(
-                f"{info.field_name} works on frozen features: use it in frozen mode without train_blocks (in finetune "
-                "mode, augment applies flips and crops to the images)"
+                f"{info.field_name} works on frozen features: use it in frozen mode (in finetune mode, augment "
+                "applies flips and crops to the images)"
+            )
+        if value and info.data.get("train_blocks") and (value == "auto" or info.field_name == "flip_average"):
+            raise ValueError(
+                f"with train_blocks, name the views to train on (feature_views=['flip'], train --views flip); "
+                f"{info.field_name}={value!r} chooses on frozen features only"
             )
         return value
 

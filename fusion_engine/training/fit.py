@@ -23,6 +23,7 @@ from fusion_engine.training.evaluation import logits_from_features
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.top_blocks import TopBlocks
 from fusion_engine.training.view_selection import fit_with_views
+from fusion_engine.training.views import ViewDataset
 
 
 def _shown(classes) -> str:
@@ -114,6 +115,7 @@ def fit(
         )
 
     train_feats, val_feats = extract(train_ds), extract(val_ds)
+    top_views = [extract(ViewDataset(train_ds, v)) for v in config.feature_views] if top is not None else []
     if distributed.active():  # the collective part is over: rank 0 trains the head and saves alone
         history["rank"] = distributed.finish()
         if history["rank"] != 0:
@@ -128,7 +130,11 @@ def fit(
     averaged_val_feats = None  # the validation features flip-averaged, when the model averages
     if config.mode == "frozen":
         y, y_val = train_ds.targets, val_ds.targets
-        if config.feature_views or config.flip_average:  # which views to train on, chosen on validation
+        if top is not None:
+            history["epochs"] = top.train(train_feats, y, val_feats, y_val, config, device, progress, top_views)
+            train_feats, val_feats = top.features(train_feats, device), top.features(val_feats, device)
+            history["views"] = list(config.feature_views)
+        elif config.feature_views or config.flip_average:  # which views to train on, chosen on validation
             trainer = lambda head, *data: train_head(head, *data, config, device, log)  # noqa: E731
             entries, averaged_val_feats = fit_with_views(
                 model, cache, train_ds, val_ds, train_feats, val_feats, config, device, trainer, progress
@@ -137,9 +143,6 @@ def fit(
         elif getattr(model.fusion, "requires_fit", False):
             model.fusion.fit([np.asarray(f) for f in train_feats], y)
             history["epochs"] = []
-        elif top is not None:
-            history["epochs"] = top.train(train_feats, y, val_feats, y_val, config, device, progress=progress)
-            train_feats, val_feats = top.features(train_feats, device), top.features(val_feats, device)
         else:
             history["epochs"] = train_head(
                 model.fusion, train_feats, y, val_feats, y_val, config, device, log, progress=progress

@@ -18,6 +18,9 @@ Choices:
   biases; label smoothing and gradient clipping as for the head; batches of ``batch_size``.
 - Early stopping on fit()'s validation split: the epoch with the best validation accuracy (head and tops together)
   is kept; ``patience`` epochs without a gain stop training.
+- Views (``feature_views``, ``train --views flip``): the trunk activations of each view of the training images are
+  cached too (one more trunk pass per view), and every epoch reads each image from the original or a view, drawn
+  at random: data augmentation at the price of a cache read.
 """
 
 from __future__ import annotations
@@ -158,16 +161,31 @@ class TopBlocks:
 
     # ------------------------------------------------------------------ training
 
-    def branch_features(self, inputs: list, rows, device, memory_format=torch.contiguous_format) -> list[torch.Tensor]:
-        """Every branch's features for ``rows`` of ``inputs``: through the tops, or read from the cache."""
+    def branch_features(
+        self, inputs: list, rows, device, memory_format=torch.contiguous_format, views: list = (), choice=None
+    ) -> list[torch.Tensor]:
+        """Every branch's features for ``rows`` of ``inputs``: through the tops, or read from the cache. With
+        ``views`` (more such input lists, one per image view), row ``j`` is read from ``inputs`` where
+        ``choice[j]`` is 0 and from ``views[choice[j] - 1]`` otherwise."""
+        sources = [inputs, *views]
+
+        def read(i: int) -> torch.Tensor:
+            if choice is None:
+                return torch.from_numpy(np.array(inputs[i][rows]))  # a writable copy
+            batch = np.empty((len(rows), inputs[i].shape[1]), dtype=np.float32)
+            for v, source in enumerate(sources):
+                picked = choice == v
+                batch[picked] = source[i][rows[picked]]
+            return torch.from_numpy(batch)
+
         features: list = [None] * len(self.model.branches)
         for top in self.tops:
-            batch = torch.from_numpy(np.array(inputs[top.branches[0]][rows])).to(device)  # a writable copy
+            batch = read(top.branches[0]).to(device)
             out = top.top(batch.view(len(batch), *top.shape).contiguous(memory_format=memory_format))
             for i in top.branches:
                 features[i] = self.model.branches[i].extract(out)
         for i in self.frozen:
-            features[i] = torch.from_numpy(np.array(inputs[i][rows])).to(device)
+            features[i] = read(i).to(device)
         return features
 
     def features(self, inputs: list, device) -> list[np.ndarray]:
@@ -187,12 +205,18 @@ class TopBlocks:
         ]
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.model.branches))]
 
-    def train(self, inputs, y, val_inputs, y_val, config: TrainConfig, device, progress: bool = False) -> list[dict]:
-        """Train the tops and the fusion head together (see the module docstring); returns the epochs' history."""
+    def train(
+        self, inputs, y, val_inputs, y_val, config: TrainConfig, device, progress: bool = False, views: list = ()
+    ) -> list[dict]:
+        """Train the tops and the fusion head together (see the module docstring); returns the epochs' history.
+        ``views``: the inputs of the training images' views (``inputs`` of a ViewDataset each); every epoch
+        reads each image from the original or one of its views, drawn at random."""
         with fast_memory_format(self.top_modules, device) as memory_format:  # channels_last on the CPU: 2x faster
-            return self._train(inputs, y, val_inputs, y_val, config, device, memory_format, progress)
+            return self._train(inputs, y, val_inputs, y_val, config, device, memory_format, progress, list(views))
 
-    def _train(self, inputs, y, val_inputs, y_val, config: TrainConfig, device, memory_format, progress) -> list[dict]:
+    def _train(
+        self, inputs, y, val_inputs, y_val, config: TrainConfig, device, memory_format, progress, views
+    ) -> list[dict]:
         head = self.model.fusion
         self.top_modules.to(device).eval()  # batch norm keeps its running statistics
         head.to(device)
@@ -217,10 +241,12 @@ class TopBlocks:
             for epoch in range(config.epochs):
                 head.train()
                 order = torch.randperm(len(y_t), generator=generator).numpy()
+                drawn = torch.randint(len(views) + 1, (len(y_t),), generator=generator).numpy() if views else None
                 total = 0.0
                 for start in range(0, len(order), config.batch_size):
                     rows = np.sort(order[start : start + config.batch_size])
-                    logits = head(self.branch_features(inputs, rows, device, memory_format))
+                    choice = None if drawn is None else drawn[rows]
+                    logits = head(self.branch_features(inputs, rows, device, memory_format, views, choice))
                     loss = F.cross_entropy(logits, y_t[rows].to(device), label_smoothing=config.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
