@@ -53,7 +53,7 @@ def features(args, engine, train_config: TrainConfig) -> dict:
 
     _, train, test = held_out_split(args)
     parts = list(stratified_split(train, train_config.val_fraction, train_config.seed))
-    cache = FeatureCache(args.cache_dir, runtime="torch")
+    cache = FeatureCache(args.cache_dir)  # onnx where it agrees with torch
     specs = [{"name": "timm", "weights": name} for name in args.candidates]
     start = time.perf_counter()
     cands, skipped = extract_candidates(
@@ -88,8 +88,11 @@ def main() -> int:
     parser.add_argument("--max-branches", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (1 for two implementations side by side)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = Engine.from_plugins()
     train_config = TrainConfig(seed=args.seed, device="cpu")
     data = features(args, engine, train_config)

@@ -540,3 +540,41 @@ def test_summary_says_when_fusion_won_and_when_a_single_backbone_won():
     text = summary_of(rows, winner=1, n_test=500)  # a single backbone chosen (say, more backbones gained too little)
     assert "fusion did not win: the winner is a single backbone; the best fused row, concat [a + b], " in text
     assert "fusion won" not in text
+
+
+def test_a_row_far_behind_the_leader_stops_racing_and_cannot_win(engine, digits, tmp_path):
+    train, _ = digits
+    noise = {"name": "pixels", "size": 8, "region": "noise", "label": "noise"}
+    options = dict(engine=engine, fusions=["concat"], log=lambda *a: None, folds=5, max_branches=1, baseline=False)
+    raced = search(train, [FULL, noise], cache_dir=tmp_path / "cache", **options)
+    rows = {r["backbones"][0]: r for r in raced.rows}
+    assert len(rows["full"]["cv_folds"]) == 5 and "stopped_early" not in rows["full"]
+    assert len(rows["noise"]["cv_folds"]) == 2  # far behind after two folds: no third
+    assert (
+        rows["noise"]["stopped_early"].startswith("stopped after 2 of 5 folds:")
+        and "behind concat [full]" in rows["noise"]["stopped_early"]
+    )
+    assert raced.winner["backbones"] == ["full"]
+    assert [r["backbones"] for r in raced.leaderboard][-1] == ["noise"]  # after every fully scored row
+    assert "(2 of 5 folds: stopped early)" in raced.table()
+    every = search(train, [FULL, noise], cache_dir=tmp_path / "cache", race_margin=0, **options)
+    assert all(len(r["cv_folds"]) == 5 and "stopped_early" not in r for r in every.rows)
+    assert every.rows[0]["cv_folds"] == raced.rows[0]["cv_folds"]  # the same folds: racing changes no score
+    assert every.rows[1]["cv_folds"][:2] == rows["noise"]["cv_folds"]
+
+
+def test_a_row_within_the_race_margin_runs_every_fold(engine, digits, tmp_path):
+    train, _ = digits
+    result = search(
+        train,
+        [FULL, FULL | {"size": 9, "label": "full9"}],
+        engine=engine,
+        fusions=["concat"],
+        cache_dir=tmp_path / "cache",
+        log=lambda *a: None,
+        folds=5,
+        max_branches=1,
+        baseline=False,
+        race_margin=0.5,
+    )
+    assert all(len(r["cv_folds"]) == 5 and "stopped_early" not in r for r in result.rows)

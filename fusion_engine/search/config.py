@@ -23,6 +23,14 @@ class SearchConfig(BaseModel):
         ),
     )
     patience: int = Field(default=5, ge=1, description="early-stopping patience per CV fold")
+    race_margin: float = Field(
+        default=0.02,
+        ge=0,
+        description=(
+            "a row trailing the best fully scored row by more than this accuracy (and 2 paired standard errors) "
+            "after 2 folds stops there (0: every row gets every fold)"
+        ),
+    )
     min_gain: float = Field(default=0.0, ge=0, description="a larger subset must also gain this much CV accuracy")
     prefer_fewer: bool = Field(
         default=True,

@@ -18,7 +18,7 @@ from fusion_engine.core.probes import LinearProbe
 from fusion_engine.errors import ConfigError, DataError
 from fusion_engine.search.candidates import Candidate
 from fusion_engine.search.config import SearchConfig
-from fusion_engine.search.selection import Searcher, accuracy, rank_agreement
+from fusion_engine.search.selection import Searcher, accuracy, rank_agreement, ranked
 from fusion_engine.training.baselines import fit_tuned, handcrafted_for
 from fusion_engine.training.config import TrainConfig
 from fusion_engine.training.evaluation import logits_from_features
@@ -88,8 +88,9 @@ class SearchResult:
 
     @property
     def leaderboard(self) -> list[dict]:
-        """Every row, best CV mean first (rows that failed last); the winner has ``"winner": True``."""
-        ok = sorted((r for r in self.rows if r["cv_mean"] is not None), key=lambda r: (-r["cv_mean"], r["parameters"]))
+        """Every row, best CV mean first (rows that stopped early after them, then those not scored); the winner
+        has ``"winner": True``."""
+        ok = sorted((r for r in self.rows if r["cv_mean"] is not None), key=ranked, reverse=True)
         rows = ok + [r for r in self.rows if r["cv_mean"] is None]
         out = []
         for rank, row in enumerate(rows, 1):
@@ -143,6 +144,8 @@ class SearchResult:
                 if r["cv_mean"] is not None
                 else f"failed: {r.get('error', 'not scored')}"[:80]
             )
+            if r.get("stopped_early"):
+                cv += f" ({len(r['cv_folds'])} of {len(self.searcher.folds)} folds: stopped early)"
             cells = [str(r["rank"] or "-"), r["candidate"] + mark, cv]
             if held:
                 cells.append(f"{r['held_out']:.4f}" if r["held_out"] is not None else "-")

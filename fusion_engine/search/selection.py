@@ -12,6 +12,11 @@ On the training data only (the held-out data is never read here):
    differences), else the search stops;
 3. the winner is the best row of the last accepted subset.
 
+Rows race (``race_margin``): after :data:`RACE_FOLDS` folds, a row that trails the leader (the best row scored
+on every fold so far) on those same folds by more than ``race_margin`` and by more than two standard errors of
+the paired differences stops there, as scikit-learn's successive halving drops candidates early. It keeps its
+partial CV (``cv_folds`` shorter, ``stopped_early`` says why) and cannot win; the leader always has every fold.
+
 Each CV fold trains a head as ``fit()`` does (gradient fusions: early stopping on a split of
 the fold's training rows; fitted fusions such as stacking: ``fusion.fit``), with a modest
 epoch count. The time budget covers the selection: a row starts only when its estimated time
@@ -40,6 +45,7 @@ from fusion_engine.training.evaluation import logits_from_features
 from fusion_engine.training.fit import train_head
 
 CV_STEPS = 300  # optimizer steps a CV fold's head trains for by default (before early stopping)
+RACE_FOLDS = 2  # folds a row always gets before it may stop early (see race_margin)
 RANK_TOP = 5  # the leaderboard's CV order is checked against the held-out order for this many rows
 
 
@@ -132,6 +138,7 @@ class Searcher:
         self.mandatory = True  # the first evaluation always completes: a search must return something
         self.hand_rate = hand_rate
         self.progress = progress  # a bar over the rows of each selection step
+        self.leader: dict | None = None  # the best row scored on every fold
 
     # -- one fusion on a subset of backbones, trained on some rows and scored on others
 
@@ -162,9 +169,24 @@ class Searcher:
             )
         return head
 
-    def score_folds(self, subset: tuple[int, ...], fusion: dict) -> tuple[list[float], int]:
-        """Per-fold accuracies of ``fusion`` on ``subset``; each fold trains on its training rows
-        (split once more for early stopping, as fit() splits) and scores its held rows."""
+    def trails_leader(self, scores: list[float]) -> str | None:
+        """Why a row with these first fold scores stops racing (see the module docstring), or None."""
+        margin, leader = self.config.race_margin, self.leader
+        if not margin or leader is None or not RACE_FOLDS <= len(scores) < len(self.folds):
+            return None
+        diffs = np.subtract(scores, leader["cv_folds"][: len(scores)])
+        gap, noise = -float(diffs.mean()), 2 * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+        if gap <= max(margin, noise):
+            return None
+        return (
+            f"stopped after {len(scores)} of {len(self.folds)} folds: {100 * gap:.1f} points behind "
+            f"{leader['candidate']} on those folds (race margin {100 * margin:.1f}, 2 s.e. {100 * noise:.1f})"
+        )
+
+    def score_folds(self, subset: tuple[int, ...], fusion: dict) -> tuple[list[float], int, str | None]:
+        """Per-fold accuracies of ``fusion`` on ``subset``, the head's parameter count, and why the row stopped
+        before the last fold (None: it did not); each fold trains on its training rows (split once more for
+        early stopping, as fit() splits) and scores its held rows."""
         feats = [self.candidates[i].features for i in subset]
         width = sum(f.shape[1] for f in feats)
         key = setting_label(fusion)
@@ -181,7 +203,10 @@ class Searcher:
             head_params = sum(p.numel() for p in head.parameters())
             self.fold_seconds[key] = self.fold_seconds_by_name[fusion["name"]] = (time.perf_counter() - start, width)
             self.longest_fold = max(self.longest_fold, self.fold_seconds[key][0])
-        return scores, head_params
+            stopped = self.trails_leader(scores)
+            if stopped:
+                return scores, head_params, stopped
+        return scores, head_params, None
 
     # -- rows of the leaderboard
 
@@ -236,7 +261,7 @@ class Searcher:
             return row
         start = time.perf_counter()
         try:
-            scores, head_params = self.score_folds(subset, fusion)
+            scores, head_params, stopped = self.score_folds(subset, fusion)
         except BudgetExhausted:
             raise
         except Exception as exc:  # noqa: BLE001 - a plugin fusion that fails is a row with an error, not a crash
@@ -253,7 +278,14 @@ class Searcher:
         )
         row["parameters"] += head_params
         self.rows[key] = row
-        self.log(f"  [{self.clock.elapsed:6.1f} s] {row['candidate']}: CV {row['cv_mean']:.4f} ± {row['cv_std']:.4f}")
+        if stopped:
+            row["stopped_early"] = stopped
+        elif self.leader is None or ranked(row) > ranked(self.leader):
+            self.leader = row
+        note = f" ({stopped})" if stopped else ""
+        self.log(
+            f"  [{self.clock.elapsed:6.1f} s] {row['candidate']}: CV {row['cv_mean']:.4f} ± {row['cv_std']:.4f}{note}"
+        )
         return row
 
     def baseline_row(self) -> dict | None:
@@ -334,7 +366,7 @@ class Searcher:
                     "time budget reached" if budget_hit or self.clock.exhausted else "no candidate could be scored"
                 )
                 break
-            pick = max(screened, key=lambda r: (r["cv_mean"], -r["parameters"]))
+            pick = max(screened, key=ranked)
             subset = tuple(pick["subset"])
             rows = [pick]
             if not budget_hit:
@@ -344,7 +376,7 @@ class Searcher:
                 except BudgetExhausted:
                     budget_hit = True
             bar.close()  # a step may end early (the time budget)
-            best = max((r for r in rows if r["cv_mean"] is not None), key=lambda r: (r["cv_mean"], -r["parameters"]))
+            best = max((r for r in rows if r["cv_mean"] is not None), key=ranked)
             step = {
                 "size": size,
                 "subset": [self.candidates[i].label for i in subset],
@@ -354,12 +386,14 @@ class Searcher:
             }
             if best_row is None:
                 step["accepted"] = True
-            else:
-                diffs = np.asarray(best["cv_folds"]) - np.asarray(best_row["cv_folds"])
+            else:  # on the folds both have (a row that stopped early has fewer and is never accepted)
+                diffs = np.asarray(best["cv_folds"]) - np.asarray(best_row["cv_folds"][: len(best["cv_folds"])])
                 gain = float(diffs.mean())
                 noise = float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
                 step.update(
-                    gain=round(gain, 6), noise=round(noise, 6), accepted=bool(gain > max(noise, self.config.min_gain))
+                    gain=round(gain, 6),
+                    noise=round(noise, 6),
+                    accepted=bool(gain > max(noise, self.config.min_gain)) and "stopped_early" not in best,
                 )
             steps.append(step)
             if not step["accepted"] and (budget_hit or self.clock.exhausted):
@@ -385,16 +419,19 @@ class Searcher:
         if stopped is None:
             stopped = "max_branches reached" if len(current) == self.config.max_branches else "every candidate used"
         if best_row is not None and not self.config.prefer_fewer:
-            best_row = max(
-                (r for r in self.rows.values() if r["cv_mean"] is not None),
-                key=lambda r: (r["cv_mean"], -r["parameters"]),
-            )
+            best_row = max((r for r in self.rows.values() if r["cv_mean"] is not None), key=ranked)
         for i in range(len(self.candidates)):  # every single backbone is a row, scored or not
             key = ((i,), json.dumps(screen, sort_keys=True, default=str))
             if key not in self.rows:
                 self.rows[key] = self._row((i,), screen, 1)
                 self.rows[key]["error"] = "not scored: time budget reached"
         return {"winner": best_row, "steps": steps, "stopped": stopped}
+
+
+def ranked(row: dict) -> tuple:
+    """Sort key of scored rows, best last: every fold scored before stopped early, then CV mean, then fewer
+    parameters."""
+    return ("stopped_early" not in row, row["cv_mean"], -row["parameters"])
 
 
 def rank_agreement(leaderboard: list[dict], n_test: int, top: int = RANK_TOP) -> dict:

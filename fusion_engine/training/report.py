@@ -275,6 +275,8 @@ def _leaderboard(history: dict) -> str:
             continue
         if isinstance(row.get("cv_mean"), (int, float)):
             cv = f"{_number(row.get('cv_mean'), '.4f')} &plusmn; {_number(row.get('cv_std'), '.4f')}"
+            if row.get("stopped_early"):
+                cv += f" <span title='{text(str(row['stopped_early']))}'>(stopped early)</span>"
         else:
             cv = f"failed: {text(str(row.get('error', 'not scored'))[:120])}"
         winner = row.get("winner") is True
