@@ -29,6 +29,13 @@ from shared_data import DATASETS, SHARED
 from fusion_engine import Engine
 from fusion_engine.core.data import load_dataset, stratified_split
 from fusion_engine.core.loader import make_loader
+from fusion_engine.training.evaluation import evaluate
+from fusion_engine.training.feature_cache import FeatureCache
+
+
+def two_se_of_difference(a: float, b: float, n: int) -> float:
+    """Two standard errors of the difference of two accuracies on the same ``n`` images (as independent)."""
+    return 2 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
 
 
 @torch.inference_mode()
@@ -56,6 +63,11 @@ def main() -> int:
     parser.add_argument("--backbone-lr", type=float, default=1e-4, help="top blocks' learning rate")
     parser.add_argument("--speed-images", type=int, default=256, help="images per inference-speed measurement")
     parser.add_argument("--cache-dir", help="reuse this cache folder (default: a fresh one: extraction measured cold)")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score each branch's linear probe (on the features the row trained) and the handcrafted baseline",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("FUSION_ENGINE_WEIGHTS_DIR", str(SHARED / "weights"))
@@ -89,12 +101,13 @@ def main() -> int:
                 backbone_lr=args.backbone_lr,
                 seed=args.seed,
                 cache_dir=cache_dir,
-                baselines=False,
+                baselines=args.baselines,
                 progress=True,
                 log=lambda *a, **kw: None,
             )
             fit_seconds = time.perf_counter() - start
-            accuracy, _ = held_out(model, test)
+            report = evaluate(model, test, cache=FeatureCache(enabled=False, runtime="torch"), progress=False)
+            accuracy = report["accuracy"]
             models[row] = model
             rows.append(
                 {
@@ -108,6 +121,15 @@ def main() -> int:
                     "fit_seconds": round(fit_seconds, 1),
                 }
             )
+            if args.baselines:
+                rows[-1]["branches"] = {k: round(v, 4) for k, v in report["branches"].items()}
+                rows[-1]["handcrafted"] = round(report["baselines"]["handcrafted"], 4)
+                for rival, score in (
+                    ("best_branch", max(report["branches"].values())),
+                    ("handcrafted", rows[-1]["handcrafted"]),
+                ):
+                    rows[-1][f"vs_{rival}"] = round(accuracy - score, 4)
+                    rows[-1][f"two_se_vs_{rival}"] = round(two_se_of_difference(accuracy, score, len(test)), 4)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     sample = test.subset(list(range(min(args.speed_images, len(test)))))
     speeds: dict[str, list[float]] = {k: [] for k in models}
@@ -131,6 +153,13 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+    if args.baselines:
+        for r in rows:
+            print(
+                f"{r['row']}: best branch probe {max(r['branches'].values()):.4f} ({r['vs_best_branch']:+.4f}, "
+                f"2 s.e. {r['two_se_vs_best_branch']:.4f}); handcrafted {r['handcrafted']:.4f} "
+                f"({r['vs_handcrafted']:+.4f}, 2 s.e. {r['two_se_vs_handcrafted']:.4f})"
+            )
     return 0
 
 

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+import fusion_engine
 from fusion_engine.cli.main import main
 
 CONFIG = {
@@ -645,7 +646,29 @@ def test_num_classes_of_the_config_is_not_silently_overridden(ws, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
-def test_search_refuses_train_blocks_it_would_not_try(tmp_path, capsys):
-    code = main(["train", "--search", "--train-blocks", "1", "--data", "digits", "--out", str(tmp_path / "run")])
-    assert code == 2
-    assert "--search scores heads on frozen, cached features and does not try --train-blocks" in capsys.readouterr().err
+def test_search_with_train_blocks_trains_the_winners_tops(tmp_path, capsys):
+    """The selection runs on frozen features; the winner's final training trains its top blocks, so fitted fusions
+    (stacking) are not candidates and say why."""
+    tiny = [
+        {"name": "timm", "model": m, "input_size": 32, "pretrained": False}
+        for m in ("test_efficientnet", "test_resnet")
+    ]
+    (tmp_path / "cands.json").write_text(json.dumps({"backbones": tiny, "fusions": ["concat", "stacking"]}))
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--search",
+        "--candidates",
+        str(tmp_path / "cands.json"),
+        "--train-blocks",
+        "1",
+        "--data",
+        "digits",
+    ]
+    argv += ["--out", str(run), "--folds", "2", "--search-epochs", "2", "--epochs", "2", "--no-cache", "-q", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["fusion"] for p in out["search"]["fusions"]["invalid"]] == ["stacking", "stacking(C=0.1)"]
+    assert "cannot train top blocks" in out["search"]["fusions"]["invalid"][0]["error"]
+    model = fusion_engine.load(run)
+    assert model.history["config"]["train_blocks"] == 1 and model.history["epochs"]

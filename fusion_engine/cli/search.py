@@ -18,6 +18,7 @@ from fusion_engine.cli.common import engine as make_engine
 from fusion_engine.errors import ConfigError
 from fusion_engine.search.result import side_paths
 from fusion_engine.search.run import search
+from fusion_engine.training.config import held_out_runtime
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.metrics import format_report
 from fusion_engine.training.report import write_report_beside
@@ -67,11 +68,6 @@ def run_search(args) -> int:
             "--search works on frozen, cached features; train the chosen config with --mode finetune "
             "afterwards (fusion-engine train --config RUN_DIR.config.json --mode finetune)"
         )
-    if args.train_blocks:
-        raise ConfigError(
-            "--search scores heads on frozen, cached features and does not try --train-blocks; train the chosen "
-            "config with it afterwards (fusion-engine train --config RUN_DIR.config.json --train-blocks K)"
-        )
     data, train_data, test_data = load_train_test(args, log, " (the search sees only these)")
     train_config = train_config_from(args)  # --mode finetune was refused above
     search_overrides = given(
@@ -101,7 +97,7 @@ def run_search(args) -> int:
         train_data, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, log=log
     )
     device = train_config.device if train_config.device != "auto" else "cpu"
-    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache, runtime=train_config.extract_runtime, log=log)
+    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache, runtime=held_out_runtime(train_config), log=log)
     report = model.evaluate(test_data, cache=cache, device=device, progress=not args.quiet)  # the search's graphs
     result.final = {
         "held_out_accuracy": report["accuracy"],

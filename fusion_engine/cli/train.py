@@ -27,6 +27,7 @@ from fusion_engine.core.defaults import build_default, default_config
 from fusion_engine.core.input_size import sized_to_data
 from fusion_engine.core.progress import PhaseClock, format_phases
 from fusion_engine.errors import ConfigError
+from fusion_engine.training.config import held_out_runtime
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.fit import fit
 from fusion_engine.training.metrics import format_report
@@ -164,8 +165,7 @@ def run(args) -> int:
     else:
         model = build_default(engine, config, data.classes, log)
     # the held-out features: with the training runtime when the backbones stay as they were (the same graphs)
-    frozen = train_config.mode == "frozen" and not train_config.train_blocks
-    runtime = train_config.extract_runtime if frozen else "torch"
+    runtime = held_out_runtime(train_config)
     cache = FeatureCache(args.cache_dir, enabled=not args.no_cache, runtime=runtime, log=log)
     clock.lap("setup")
     if distributed.active() and train_config.mode == "frozen":  # the held-out features are sharded too

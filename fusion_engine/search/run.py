@@ -16,6 +16,10 @@ data only, select backbones and fusion by cross-validation (:mod:`fusion_engine.
    is read only after that choice, to score every row for the report (each row refitted on
    the training data as ``fit()`` would train it; :mod:`fusion_engine.search.result`).
 
+With ``train_blocks`` in the training options, the selection still runs on frozen features (a CV row with top
+blocks would cost minutes per fold); the winner's final training then trains its top blocks, so only fusions
+trained by gradient are candidates (stacking is listed as invalid, with the reason).
+
 Each CV fold trains a head as ``fit()`` does (gradient fusions: early stopping on a split of
 the fold's training rows; fitted fusions such as stacking: ``fusion.fit``), with a modest
 epoch count. The time budget covers the selection (not extraction, not the report): a row
@@ -52,6 +56,16 @@ from fusion_engine.search.result import SearchResult
 from fusion_engine.search.selection import Searcher
 from fusion_engine.training.config import TrainConfig, resolve_device, seed_everything
 from fusion_engine.training.feature_cache import FeatureCache
+
+TOP_BLOCKS_NEED_GRADIENT = "fitted, not trained by gradient: it cannot train top blocks (--train-blocks)"
+
+
+def is_fitted(engine, fusion: dict) -> bool:
+    """Is ``fusion`` fitted (``requires_fit``, as stacking) rather than trained by gradient? (Built tiny to see.)"""
+    options = {k: v for k, v in fusion.items() if k != "name"}
+    return bool(
+        getattr(engine.registry.get("fusion", fusion["name"]).factory([2, 2], 2, **options), "requires_fit", False)
+    )
 
 
 def search(
@@ -102,6 +116,10 @@ def search(
                 fusion_list.append({"name": name, **options})
             except FusionEngineError as exc:
                 fusion_problems.append({"fusion": fusion_label(name, options), "error": str(exc)})
+    if train_config.train_blocks:  # the winner's top blocks train by gradient with its fusion
+        fitted = [f for f in fusion_list if is_fitted(engine, f)]
+        fusion_list = [f for f in fusion_list if f not in fitted]
+        fusion_problems += [{"fusion": setting_label(f), "error": TOP_BLOCKS_NEED_GRADIENT} for f in fitted]
     if not fusion_list:
         raise ConfigError("no candidate fusion is valid: " + "; ".join(p["error"] for p in fusion_problems))
     if config.screen is not None:
@@ -111,6 +129,8 @@ def search(
         )
     else:
         screen = dict(SCREEN_FUSION) if "concat" in engine.registry.names("fusion") else dict(fusion_list[0])
+    if train_config.train_blocks and is_fitted(engine, screen):
+        raise ConfigError(f"screen fusion {setting_label(screen)}: {TOP_BLOCKS_NEED_GRADIENT}; screen with concat")
 
     device = resolve_device(train_config.device)
     train = load_dataset(train)

@@ -87,6 +87,13 @@ class TrainConfig(BaseModel):
         return value
 
 
+def held_out_runtime(config: TrainConfig) -> str:
+    """The extraction runtime for the held-out features of a model trained with ``config``: the training runtime
+    when the backbones stay as they were (the same cached graphs), torch when training changed them (finetune,
+    top blocks), whose graphs would otherwise be exported again."""
+    return config.extract_runtime if config.mode == "frozen" and not config.train_blocks else "torch"
+
+
 def train_config(config: TrainConfig | None = None, **overrides) -> TrainConfig:
     """``config`` (default: TrainConfig()) with ``overrides``, validated: a misspelt option or a bad
     value is a ConfigError naming it and the valid options."""
