@@ -87,3 +87,26 @@ def test_the_cap_applies_to_the_size_a_weights_index_entry_gives():
     assert model.branches[0].backbone.data_config["input_size"][-2:] == (160, 160)
     model = Engine.from_plugins().build(sized_to_data(config, images(48)))  # cap 256: the entry's 192 stays
     assert model.branches[0].backbone.data_config["input_size"][-2:] == (192, 192)
+
+
+def test_search_candidates_are_sized_to_the_data(engine, tmp_path):
+    from fusion_engine.search.run import search
+
+    own = {"name": "timm", "model": "test_efficientnet", "pretrained": False, "label": "own"}
+    fixed = {**own, "input_size": 48, "label": "fixed"}
+    result = search(
+        images(16, n=40),  # 16 px images: cap 96
+        [own, fixed],
+        engine=engine,
+        fusions=["concat"],
+        cache_dir=tmp_path,
+        log=lambda *a: None,
+        folds=2,
+        epochs=1,
+        max_branches=1,
+        baseline=False,
+        held_out=False,
+    )
+    sizes = {c.label: c.model.branches[0].backbone.data_config["input_size"][-1] for c in result.candidates}
+    assert sizes == {"own": 96, "fixed": 48}
+    assert result.candidates[0].spec["options"]["max_input_size"] == 96  # the winner's config reproduces it

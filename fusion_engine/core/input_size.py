@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from fusion_engine.core.config import parse_config
+from fusion_engine.core.config import BackboneSpec, parse_config
 
 UPSCALE = 5  # the cap, as a multiple of the images' side
 SIZE_STEP = 32  # caps are rounded up to a multiple of this (what CNN strides divide)
@@ -38,8 +38,16 @@ def sized_to_data(config, dataset) -> dict:
     ``input_size`` (nor ``max_input_size``) gets ``max_input_size`` from the data's image side."""
     parsed = parse_config(config).model_dump()
     cap = max_input_size(image_side(dataset))
-    for spec in parsed["backbones"]:
-        options = spec["options"]
-        if spec["name"] in SIZED_BACKBONES and "input_size" not in options and "max_input_size" not in options:
-            options["max_input_size"] = cap
+    parsed["backbones"] = [sized_spec(spec, cap) for spec in parsed["backbones"]]
+    return parsed
+
+
+def sized_spec(spec, cap: int):
+    """One backbone spec (any form a config takes): with ``max_input_size=cap`` (as a dict of the full form) when
+    it is a timm branch that sets no ``input_size`` nor ``max_input_size``; else ``spec`` itself."""
+    parsed = BackboneSpec.model_validate(spec).model_dump()
+    options = parsed["options"]
+    if parsed["name"] not in SIZED_BACKBONES or "input_size" in options or "max_input_size" in options:
+        return spec
+    options["max_input_size"] = cap
     return parsed

@@ -40,6 +40,7 @@ import numpy as np
 
 from fusion_engine.api.engine import Engine
 from fusion_engine.core.data import align_classes, load_dataset, stratified_split
+from fusion_engine.core.input_size import image_side, max_input_size, sized_spec
 from fusion_engine.errors import ConfigError, FusionEngineError
 from fusion_engine.search.candidates import (
     DEFAULT_GRID,
@@ -134,6 +135,8 @@ def search(
 
     device = resolve_device(train_config.device)
     train = load_dataset(train)
+    cap = max_input_size(image_side(train))  # as train sizes its default model: small images not blown up
+    specs = [sized_spec(spec, cap) for spec in specs]
     seed_everything(train_config.seed)
     parts = list(stratified_split(train, train_config.val_fraction, train_config.seed))  # fit()'s split
     cache = FeatureCache(cache_dir, enabled=use_cache, runtime=train_config.extract_runtime)  # as fit() extracts
