@@ -88,6 +88,7 @@ def main() -> int:
     parser.add_argument("--max-branches", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument("--race-margin", type=float, help="SearchConfig.race_margin (an --impl that has it)")
     parser.add_argument("--threads", type=int, help="torch threads (1 for two implementations side by side)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -127,7 +128,10 @@ def main() -> int:
         for n in [c.name]
         for o in candidates.DEFAULT_GRID.get(n, [{}])
     ]
-    config = config_module.SearchConfig(time_budget=args.time_budget, max_branches=args.max_branches, folds=args.folds)
+    race = {} if args.race_margin is None else {"race_margin": args.race_margin}
+    config = config_module.SearchConfig(
+        time_budget=args.time_budget, max_branches=args.max_branches, folds=args.folds, **race
+    )
     searcher = selection.Searcher(
         engine, cands, y, n_fit, len(data["classes"]), config, train_config, torch.device("cpu"), lambda *a: None
     )

@@ -116,6 +116,7 @@ def main() -> int:
                     "stderr": round((accuracy * (1 - accuracy) / len(test)) ** 0.5, 4),
                     "val_accuracy": round(history["val_accuracy"], 4),
                     "epochs": len(history["epochs"]),
+                    "val_curve": [e["val_accuracy"] for e in history["epochs"]],
                     "extract_seconds": history["extract_seconds"],
                     "train_seconds": history["head_seconds"],
                     "fit_seconds": round(fit_seconds, 1),

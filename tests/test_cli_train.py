@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from four_digits import four_digits
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -37,14 +38,6 @@ CONFIG = {
 BRANCHES = ["timm:test_resnet", "timm:test_efficientnet"]
 NAMES = ["zero", "one", "two", "three"]  # a folder's classes are sorted: one, three, two, zero
 REPORT_KEYS = ("accuracy", "macro_f1", "n", "branches", "baselines")
-
-
-def digits(n: int, offset: int = 0):
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return x[offset : offset + n], d.target[offset : offset + n]
 
 
 def write_folder(root: Path, x, y) -> Path:
@@ -80,8 +73,8 @@ def run_cli(ws: Path, *args) -> subprocess.CompletedProcess:
 def ws(tmp_path_factory) -> Path:
     """Workspace: train/ (120 images) and test/ (40) folders of 4 classes, config.json, cache/."""
     root = tmp_path_factory.mktemp("cli")
-    write_folder(root / "train", *digits(120))
-    write_folder(root / "test", *digits(40, offset=120))
+    write_folder(root / "train", *four_digits(120))
+    write_folder(root / "test", *four_digits(40, offset=120))
     (root / "config.json").write_text(json.dumps(CONFIG))
     return root
 
@@ -219,7 +212,7 @@ def test_evaluate_text_table_and_classes_mapped_by_name(ws, trained, capsys, tmp
     assert "per-class accuracy: one=" in table
 
     # The same test images as an .npz whose classes are in another order than the model's (sorted) ones.
-    x, y = digits(40, offset=120)
+    x, y = four_digits(40, offset=120)
     np.savez(tmp_path / "test.npz", x=x, y=y, classes=np.array(NAMES))
     assert (
         main(
@@ -337,7 +330,7 @@ def test_resume_refuses_a_different_run_and_says_what_differs(ws, tmp_path, caps
     before = snapshot(checkpoint)
     one_branch = tmp_path / "one.json"
     one_branch.write_text(json.dumps({**CONFIG, "backbones": CONFIG["backbones"][:1]}))
-    fewer = write_folder(tmp_path / "fewer", *digits(100))
+    fewer = write_folder(tmp_path / "fewer", *four_digits(100))
     resume = ["--mode", "finetune", "--epochs", "2", "--batch-size", "32", "--resume"]
     cases = {
         "seed": (["--seed", "1"], r"seed: checkpoint 0, now 1"),
@@ -443,7 +436,7 @@ def corrupt_png_data(path: Path) -> None:
 
 
 def bad_data(kind: str, root: Path) -> Path:
-    x, y = digits(12)
+    x, y = four_digits(12)
     if kind.endswith(".npz"):
         path = root / kind
         if kind == "length-mismatch.npz":

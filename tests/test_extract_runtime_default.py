@@ -8,27 +8,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from four_digits import CLASSES, four_digits_dataset
 
 import fusion_engine
 import fusion_engine.runtime.onnx_cache as onnx_cache
 import fusion_engine.training.feature_cache as feature_cache
 from fusion_engine import Engine
-from fusion_engine.core.data import load_dataset
 from fusion_engine.training.config import TrainConfig
 from fusion_engine.training.feature_cache import ExtractionRuntimeWarning, FeatureCache, resolve_runtime
 
 needs_onnx = pytest.mark.skipif(not feature_cache.onnx_available(), reason="needs onnx, onnxruntime, onnxscript")
 RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32, "pretrained": False}
-CLASSES = ["zero", "one", "two", "three"]
 
 
 @pytest.fixture(scope="module")
 def data():
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return load_dataset((x[:48], d.target[:48]), classes=CLASSES)
+    return four_digits_dataset(48)
 
 
 @pytest.fixture

@@ -12,24 +12,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from four_digits import CLASSES, four_digits_dataset
 
 from fusion_engine import DataError, Engine
-from fusion_engine.core.data import load_dataset
 from fusion_engine.training.baselines import handcrafted_for
 from fusion_engine.training.feature_cache import FeatureCache, FeatureCacheWarning, scan
 
 RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32}
 EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32}
-CLASSES = ["zero", "one", "two", "three"]
 
 
 @pytest.fixture(scope="module")
 def data():
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return load_dataset((x[:40], d.target[:40]), classes=CLASSES)
+    return four_digits_dataset(40)
 
 
 @pytest.fixture(scope="module")

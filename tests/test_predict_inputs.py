@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from four_digits import CLASSES, four_digits
 from PIL import Image
 
 import fusion_engine
@@ -16,15 +17,7 @@ from fusion_engine.core.network import input_size_for
 
 RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32, "pretrained": False}
 EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32, "pretrained": False}
-CLASSES = ["zero", "one", "two", "three"]
 QUIET = {"progress": False, "log": lambda *a, **k: None, "baselines": False, "use_cache": False}
-
-
-def digits(n: int):
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    return np.round(d.images[:n] * (255 / 16)).astype(np.uint8), d.target[:n]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def engine():
 def model(engine):
     torch.manual_seed(0)
     clf = engine.build({"backbones": [RESNET, EFFNET], "fusion": "concat"}, class_names=CLASSES)
-    clf.fit(load_dataset(digits(120), classes=CLASSES), epochs=2, **QUIET)
+    clf.fit(load_dataset(four_digits(120), classes=CLASSES), epochs=2, **QUIET)
     return clf
 
 
@@ -116,7 +109,7 @@ def test_a_list_mixes_forms_and_sizes_and_each_row_is_that_image_alone(model, pi
 
 
 def test_a_batch_and_the_list_of_its_images_agree(model):
-    x, _ = digits(10)
+    x, _ = four_digits(10)
     batch = model.predict_proba(x)  # (N, H, W) grey batch, as before
     assert batch.shape == (10, len(CLASSES))
     np.testing.assert_allclose(model.predict_proba(list(x)), batch, atol=1e-5)
@@ -126,12 +119,12 @@ def test_a_batch_and_the_list_of_its_images_agree(model):
 
 
 def test_a_3d_array_reads_as_one_image_when_an_axis_holds_channels(model):
-    x, _ = digits(3)
+    x, _ = four_digits(3)
     assert model.predict_proba(x).shape == (1, len(CLASSES))  # (3, 8, 8): one RGB image, channels first
     assert model.predict_proba(x[..., None]).shape == (3, len(CLASSES))  # (3, 8, 8, 1): three grey images
     assert model.predict_proba(list(x)).shape == (3, len(CLASSES))
     assert image_batch(x, batch=True).shape == (3, 1, 8, 8)  # scikit-learn's X: the first axis is images
-    assert model.predict_proba(digits(5)[0]).shape == (5, len(CLASSES))  # (5, 8, 8): five grey images
+    assert model.predict_proba(four_digits(5)[0]).shape == (5, len(CLASSES))  # (5, 8, 8): five grey images
 
 
 def test_images_are_resized_to_the_input_size_before_batching(model, pictures):
@@ -176,7 +169,7 @@ def test_predict_before_fit_is_not_fitted_error_and_fit_or_load_makes_it_fitted(
     torch.manual_seed(0)
     clf = engine.build({"backbones": [RESNET], "fusion": "concat"}, class_names=CLASSES)
     assert clf.fitted is False
-    x, y = digits(60)
+    x, y = four_digits(60)
     for method in (clf.predict, clf.predict_proba):
         with pytest.raises(NotFittedError, match=r"call fit\(data\) first, or load a trained model") as info:
             method(x)
@@ -192,7 +185,7 @@ def test_predict_before_fit_is_not_fitted_error_and_fit_or_load_makes_it_fitted(
 
 def test_a_stacking_fusion_fitted_directly_may_predict(engine):
     clf = engine.build({"backbones": [RESNET], "fusion": {"name": "stacking", "folds": 2}}, class_names=CLASSES)
-    x, y = digits(40)
+    x, y = four_digits(40)
     with pytest.raises(NotFittedError):
         clf.predict(x)
     with torch.no_grad():

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from four_digits import CLASSES, four_digits
 from PIL import Image
 
 import fusion_engine
@@ -30,15 +31,6 @@ CONFIG = {
     ],
     "fusion": "concat",
 }
-CLASSES = ["zero", "one", "two", "three"]
-
-
-def digits(n: int, offset: int = 0):
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return x[offset : offset + n], d.target[offset : offset + n]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = Engine.from_plugins().build(CONFIG, class_names=CLASSES)
     model.fit(
-        load_dataset(digits(160), classes=CLASSES),
+        load_dataset(four_digits(160), classes=CLASSES),
         cache_dir=root / "cache",
         epochs=15,
         lr=0.01,
@@ -57,7 +49,7 @@ def trained(tmp_path_factory):
         log=lambda *a, **k: None,
     )
     model.save(root / "run")
-    x, _ = digits(9, offset=160)
+    x, _ = four_digits(9, offset=160)
     images = root / "images"
     (images / "b" / "deeper").mkdir(parents=True)
     (images / "a").mkdir()
@@ -119,7 +111,7 @@ def test_the_saved_model_predicts_exactly_like_the_model_before_saving(trained):
     loaded = fusion_engine.load(trained["run"])
     paths = [trained["images"], trained["single"]]
     assert flatten(predict_files(loaded, paths, top_k=4)) == flatten(predict_files(trained["model"], paths, top_k=4))
-    x, _ = digits(30, offset=170)
+    x, _ = four_digits(30, offset=170)
     np.testing.assert_array_equal(loaded.predict_proba(x), trained["model"].predict_proba(x))
 
 
@@ -173,7 +165,7 @@ def test_paths_that_are_not_images_are_clean_errors(what, trained, tmp_path, cap
         path, match = trained["images"] / "notes.txt", r"cannot read image file .*notes\.txt"
     elif what == "corrupt image in a folder":
         (tmp_path / "x").mkdir()
-        Image.fromarray(digits(1)[0][0]).save(tmp_path / "x" / "good.png")
+        Image.fromarray(four_digits(1)[0][0]).save(tmp_path / "x" / "good.png")
         (tmp_path / "x" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
         path, match = tmp_path / "x", r"cannot read image file .*bad\.png"
     elif what == "missing path":
@@ -230,7 +222,7 @@ def test_predict_prints_class_names_escaped_and_json_exact(escaped_run, trained,
 
 
 def test_evaluate_prints_class_names_escaped(escaped_run, tmp_path, capsys):
-    x, y = digits(40, offset=160)
+    x, y = four_digits(40, offset=160)
     data = tmp_path / "held_out.npz"
     np.savez(data, x=x, y=y, classes=np.asarray(ESCAPED_CLASSES))
     png = tmp_path / "confusion.png"

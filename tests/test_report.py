@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from four_digits import four_digits
 from PIL import Image
 
 import fusion_engine
@@ -42,20 +43,13 @@ ESCAPED = ["&lt;b&gt;zero&lt;/b&gt;", "one &amp; only", "two &quot;quoted&quot;"
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
-def digits(start: int, stop: int):
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    return np.round(d.images[start:stop] * (255 / 16)).astype(np.uint8), d.target[start:stop]
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """``fusion-engine train`` (signed) on 160 images, then the model loaded with its public key, evaluated
     on 80 held-out images, and its report page written."""
     root = tmp_path_factory.mktemp("report")
     for name, (start, stop) in {"train": (0, 160), "test": (160, 240)}.items():
-        x, y = digits(start, stop)
+        x, y = four_digits(stop - start, start)
         np.savez(root / f"{name}.npz", x=x, y=y, classes=np.asarray(CLASSES))
     (root / "config.json").write_text(json.dumps(CONFIG))
     private, public = generate_keypair(root / "key")

@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from four_digits import CLASSES, four_digits_dataset
 from torch import nn
 
 from fusion_engine import ConfigError, Engine, hookimpl, load
 from fusion_engine.cli.main import main
-from fusion_engine.core.data import load_dataset
 from fusion_engine.core.loader import make_loader
 from fusion_engine.training.config import train_config
 from fusion_engine.training.evaluation import logits_from_features
@@ -23,7 +23,6 @@ from fusion_engine.training.top_blocks import TopBlocks
 
 EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32, "pretrained": False}
 RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32, "pretrained": False}
-CLASSES = ["zero", "one", "two", "three"]
 QUIET = {"progress": False, "log": lambda *a, **k: None}
 
 
@@ -54,11 +53,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def data():
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return load_dataset((x[:80], d.target[:80]), classes=CLASSES)
+    return four_digits_dataset(80)
 
 
 def build(engine, backbones=(EFFNET, RESNET), fusion="concat"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from four_digits import CLASSES, four_digits
 from safetensors.torch import save_file
 
 import fusion_engine
@@ -18,27 +19,17 @@ from fusion_engine.training.fit import prepare_data
 
 RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32}
 EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32}
-CLASSES = ["zero", "one", "two", "three"]
 QUIET = {"progress": False, "log": lambda *args, **kwargs: None}
-
-
-def digits(n: int, offset: int = 0):
-    """``n`` images (uint8, 8x8) and labels of scikit-learn's digits 0-3, from ``offset`` on."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)
-    return x[offset : offset + n], d.target[offset : offset + n]
 
 
 @pytest.fixture(scope="module")
 def train_data():
-    return load_dataset(digits(200), classes=CLASSES)
+    return load_dataset(four_digits(200), classes=CLASSES)
 
 
 @pytest.fixture(scope="module")
 def test_arrays():
-    return digits(80, offset=200)
+    return four_digits(80, offset=200)
 
 
 @pytest.fixture
@@ -111,7 +102,7 @@ def test_cache_is_invalidated_by_weights_preprocessing_and_data(engine, train_da
         build(engine, backbones=({**RESNET, "mean": [0.4] * 3, "std": [0.3] * 3}, EFFNET)), train_data, cache
     ) == {"hits": 1, "extracted": 1}
     # data: one pixel of one image
-    x, y = digits(200)
+    x, y = four_digits(200)
     x = x.copy()
     x[7, 3, 3] ^= 0xFF
     assert extract(build(engine), load_dataset((x, y), classes=CLASSES), cache) == {"hits": 0, "extracted": 2}
@@ -301,7 +292,7 @@ def test_frozen_fit_shows_one_line_per_phase_and_its_phases_add_up(engine, train
 
 
 def test_finetune_shows_one_line_for_its_epochs(engine, tmp_path, capsys):
-    data = load_dataset(digits(64), classes=CLASSES)
+    data = load_dataset(four_digits(64), classes=CLASSES)
     history = build(engine).fit(
         data, mode="finetune", epochs=1, batch_size=32, baselines=False, cache_dir=tmp_path, progress=True, log=print
     )
@@ -380,7 +371,7 @@ def test_the_path_minimises_scikit_learns_logistic_regression_objective():
 def test_interrupted_finetune_resumes_to_the_uninterrupted_result(engine, tmp_path, monkeypatch):
     import fusion_engine.training.finetune as finetune
 
-    data = load_dataset(digits(96), classes=CLASSES)
+    data = load_dataset(four_digits(96), classes=CLASSES)
     options = dict(mode="finetune", epochs=2, batch_size=32, baselines=False, cache_dir=tmp_path / "cache", **QUIET)
 
     reference = build(engine)

@@ -6,26 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from four_digits import CLASSES, four_digits_dataset
 
 import fusion_engine
 from fusion_engine import ConfigError, Engine
-from fusion_engine.core.data import load_dataset
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.views import ViewDataset, flip, shift, view_features, view_options
 
 RESNET = {"name": "timm", "model": "test_resnet", "input_size": 32, "pretrained": False}
 EFFNET = {"name": "timm", "model": "test_efficientnet", "input_size": 32, "pretrained": False}
-CLASSES = ["zero", "one", "two", "three"]
 QUIET = {"progress": False, "log": lambda *args, **kwargs: None}
 
 
 @pytest.fixture(scope="module")
 def data():
-    from sklearn.datasets import load_digits
-
-    d = load_digits(n_class=4)
-    x = np.round(d.images[:120] * (255 / 16)).astype(np.uint8)
-    return load_dataset((x, d.target[:120]), classes=CLASSES)
+    return four_digits_dataset(120)
 
 
 @pytest.fixture

@@ -42,6 +42,12 @@ def add_search_options(parser) -> None:
     group.add_argument("--max-branches", type=int, metavar="K", help="largest backbone subset (default 3)")
     group.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
     group.add_argument(
+        "--race-margin",
+        type=float,
+        metavar="ACC",
+        help="a row this far (and 2 paired s.e.) behind the best after 2 folds stops there (default 0.005; 0: off)",
+    )
+    group.add_argument(
         "--prefer-best",
         action="store_true",
         help="pick the best CV row even if its extra backbones gained less than the fold noise",
@@ -74,6 +80,7 @@ def run_search(args) -> int:
         time_budget=args.time_budget,
         max_branches=args.max_branches,
         folds=args.folds,
+        race_margin=args.race_margin,
         epochs=args.search_epochs,
         prefer_fewer=False if args.prefer_best else None,
     )

@@ -24,7 +24,7 @@ class SearchConfig(BaseModel):
     )
     patience: int = Field(default=5, ge=1, description="early-stopping patience per CV fold")
     race_margin: float = Field(
-        default=0.02,
+        default=0.005,
         ge=0,
         description=(
             "a row trailing the best fully scored row by more than this accuracy (and 2 paired standard errors) "
