@@ -28,7 +28,12 @@ from fusion_engine.artifacts.signing import generate_keypair
 from fusion_engine.cli.main import main
 from fusion_engine.training.evaluation import EvaluationReport
 from fusion_engine.training.feature_cache import FeatureCache, tensors_digest
-from fusion_engine.training.metrics import classification_metrics, format_report, wilson_interval
+from fusion_engine.training.metrics import (
+    classification_metrics,
+    format_report,
+    paired_difference_se,
+    wilson_interval,
+)
 from fusion_engine.training.report import MISTAKES, render, report_path, write_report
 
 CONFIG = {
@@ -85,7 +90,7 @@ def test_evaluate_returns_a_report_that_prints_the_table_and_converts_to_dict_an
     plain = report.to_dict()
     assert type(plain) is dict and json.loads(report.to_json()) == json.loads(json.dumps(plain))
     assert set(plain) == {"accuracy", "macro_f1", "n", "per_class", "confusion_matrix", "branch_metrics",
-                          "baseline_metrics", "branches", "baselines", "margins"}  # fmt: skip
+                          "baseline_metrics", "branches", "baselines", "margins", "margin_se"}  # fmt: skip
     # dict access as before; the probabilities stay out of the dict (and out of the saved manifest)
     assert report.get("margins") == plain["margins"] and report["n"] == 80 and "probabilities" not in report
     assert report.probabilities.shape == (80, 4) and np.allclose(report.probabilities.sum(1), 1, atol=1e-5)
@@ -104,6 +109,29 @@ def test_mistakes_are_the_wrong_answers_most_confident_first(ws):
         assert m["true"] != m["predicted"] and m["true"] == CLASSES[report.targets[m["index"]]]
         assert m["probability"] == pytest.approx(report.probabilities[m["index"]].max())
     assert report.mistakes(3) == wrong[:3]
+
+
+def test_paired_difference_se_counts_only_the_images_the_two_disagree_on():
+    y = np.zeros(100, dtype=int)
+    a, b = y.copy(), y.copy()
+    a[:4] = 1  # a wrong on images 0-3
+    b[[0, 1, 2, 9]] = 1  # b wrong on 0-2 as well and on 9: they disagree on 3 and 9 only
+    d = np.r_[-1, 1, np.zeros(98)]
+    assert paired_difference_se(y, a, b) == pytest.approx(d.std(ddof=1) / 10)
+    assert paired_difference_se(y, a, a) == 0.0  # the same answers: no noise in the difference
+    independent = np.sqrt(2 * 0.96 * 0.04 / 100)  # both 96% right, as if on different images
+    assert paired_difference_se(y, a, b) < 0.6 * independent
+
+
+def test_margins_carry_their_paired_standard_errors(ws):
+    report = ws["report"]
+    best = max(report["branches"], key=report["branches"].get)
+    assert report["margin_se"]["vs_best_branch"] > 0 and report["margin_se"]["vs_handcrafted"] > 0
+    se = report["margin_se"]["vs_handcrafted"]
+    assert f"vs handcrafted: {100 * report['margins']['vs_handcrafted']:+.2f} points (2 s.e. {200 * se:.2f})" in str(
+        report
+    )
+    assert best in report["branches"] and f"(2 s.e. {200 * report['margin_se']['vs_best_branch']:.2f})" in ws["html"]
 
 
 def test_wilson_interval():

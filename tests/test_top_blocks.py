@@ -210,8 +210,28 @@ def test_fit_trains_the_tops_on_the_views_it_is_given(engine, data, tmp_path):
     assert history["cache"]["extracted"] == 6  # train, validation and the mirrored training images, two branches
 
 
+def test_flip_average_with_top_blocks_scores_validation_as_the_model_predicts(engine, data, tmp_path):
+    from fusion_engine.core.data import stratified_split
+
+    model = build(engine)
+    history = model.fit(data, train_blocks=1, flip_average=True, epochs=2, cache_dir=tmp_path, **QUIET)
+    assert history["flip_average"] and model.config.flip_average
+    assert history["cache"]["extracted"] == 6  # train, validation and the mirrored validation images, two branches
+    _, val = stratified_split(data, 0.15, 0)  # fit()'s validation split
+    images = torch.stack([torch.as_tensor(val[i][0]) for i in range(len(val))])
+    assert history["val_accuracy"] == pytest.approx(
+        float((model.predict_proba(images).argmax(1) == val.targets).mean())
+    )
+    pixels = torch.rand(6, 3, 32, 32)  # at the model's input size: what predict_proba feeds the branches
+    with torch.no_grad():
+        plain, flipped = model.branch_features(pixels), model.branch_features(pixels.flip(-1))
+        expected = torch.softmax(model.fusion([(a + b) / 2 for a, b in zip(plain, flipped)]), 1).numpy()
+        unaveraged = torch.softmax(model.fusion(plain), 1).numpy()
+    np.testing.assert_allclose(model.predict_proba(pixels), expected, atol=1e-5)
+    assert not np.allclose(unaveraged, expected, atol=1e-4)
+
+
 def test_views_with_top_blocks_must_be_named(engine):
-    with pytest.raises(ConfigError, match=r"name the views to train on.*--views flip"):
-        train_config(train_blocks=1, feature_views="auto")
-    with pytest.raises(ConfigError, match="flip_average=True chooses on frozen features only"):
-        train_config(train_blocks=1, flip_average=True)
+    for field in ("feature_views", "flip_average"):
+        with pytest.raises(ConfigError, match=rf"name the views.*--views flip,flip-average.*{field}='auto'"):
+            train_config(train_blocks=1, **{field: "auto"})

@@ -119,5 +119,15 @@ def without_option(argv: list[str], option: str) -> list[str]:
 
 def report_summary(report: dict) -> dict:
     """The parts of an evaluation report that ``--json`` prints."""
-    keys = ("accuracy", "macro_f1", "n", "branches", "baselines", "margins", "per_class", "confusion_matrix")
+    keys = (
+        "accuracy",
+        "macro_f1",
+        "n",
+        "branches",
+        "baselines",
+        "margins",
+        "margin_se",
+        "per_class",
+        "confusion_matrix",
+    )
     return {k: report[k] for k in keys if k in report}

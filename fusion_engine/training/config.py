@@ -79,10 +79,10 @@ class TrainConfig(BaseModel):
                 f"{info.field_name} works on frozen features: use it in frozen mode (in finetune mode, augment "
                 "applies flips and crops to the images)"
             )
-        if value and info.data.get("train_blocks") and (value == "auto" or info.field_name == "flip_average"):
+        if value == "auto" and info.data.get("train_blocks"):
             raise ValueError(
-                f"with train_blocks, name the views to train on (feature_views=['flip'], train --views flip); "
-                f"{info.field_name}={value!r} chooses on frozen features only"
+                f"with train_blocks, name the views (feature_views=['flip'], flip_average=True; train --views "
+                f"flip,flip-average); {info.field_name}='auto' chooses on frozen features only"
             )
         return value
 

@@ -15,7 +15,7 @@ import torch
 from fusion_engine.core.data import align_classes, load_dataset
 from fusion_engine.training.baselines import handcrafted_for
 from fusion_engine.training.feature_cache import FeatureCache
-from fusion_engine.training.metrics import classification_metrics, format_report
+from fusion_engine.training.metrics import classification_metrics, format_report, paired_difference_se
 from fusion_engine.training.views import flip_averaged
 
 
@@ -26,7 +26,8 @@ class EvaluationReport(dict):
     work as they always did: ``accuracy``, ``macro_f1``, ``n``, ``per_class``, ``confusion_matrix`` of the
     fused model and, when the model has baselines, ``branch_metrics`` and ``baseline_metrics`` (the same
     metrics per branch probe and for the handcrafted baseline), ``branches`` and ``baselines`` (their
-    accuracies) and ``margins`` (fused minus the best branch, minus handcrafted). ``print(report)`` shows
+    accuracies), ``margins`` (fused minus the best branch, minus handcrafted) and ``margin_se`` (the standard
+    error of each margin, paired on the same images). ``print(report)`` shows
     the side-by-side table; :meth:`to_dict` and :meth:`to_json` give the metrics alone.
 
     Kept beside the metrics, never in the dict (so neither in JSON nor in a saved manifest):
@@ -123,20 +124,26 @@ def evaluate(
     )
     baselines = getattr(model, "baselines", None)
     if baselines is not None:
-        report["branch_metrics"] = {
-            name: classification_metrics(y, probe_logits(probe, f).argmax(1), model.class_names)
+        branch_predictions = {
+            name: probe_logits(probe, f).argmax(1)
             for name, probe, f in zip(model.branch_names, baselines.probes, features)
         }
-        hand = handcrafted_for(dataset, cache, baselines.kinds)
-        report["baseline_metrics"] = {
-            "handcrafted": classification_metrics(
-                y, probe_logits(baselines.handcrafted, hand).argmax(1), model.class_names
-            )
+        hand = probe_logits(baselines.handcrafted, handcrafted_for(dataset, cache, baselines.kinds)).argmax(1)
+        report["branch_metrics"] = {
+            name: classification_metrics(y, predicted, model.class_names)
+            for name, predicted in branch_predictions.items()
         }
+        report["baseline_metrics"] = {"handcrafted": classification_metrics(y, hand, model.class_names)}
         report["branches"] = {k: v["accuracy"] for k, v in report["branch_metrics"].items()}
         report["baselines"] = {k: v["accuracy"] for k, v in report["baseline_metrics"].items()}
+        best = max(report["branches"], key=report["branches"].get)
         report["margins"] = {
-            "vs_best_branch": report["accuracy"] - max(report["branches"].values()),
+            "vs_best_branch": report["accuracy"] - report["branches"][best],
             "vs_handcrafted": report["accuracy"] - report["baselines"]["handcrafted"],
+        }
+        fused = report.predictions
+        report["margin_se"] = {
+            "vs_best_branch": paired_difference_se(y, fused, branch_predictions[best]),
+            "vs_handcrafted": paired_difference_se(y, fused, hand),
         }
     return report

@@ -116,6 +116,7 @@ def fit(
 
     train_feats, val_feats = extract(train_ds), extract(val_ds)
     top_views = [extract(ViewDataset(train_ds, v)) for v in config.feature_views] if top is not None else []
+    val_mirrored = extract(ViewDataset(val_ds, "flip")) if top is not None and config.flip_average else None
     if distributed.active():  # the collective part is over: rank 0 trains the head and saves alone
         history["rank"] = distributed.finish()
         if history["rank"] != 0:
@@ -131,9 +132,15 @@ def fit(
     if config.mode == "frozen":
         y, y_val = train_ds.targets, val_ds.targets
         if top is not None:
-            history["epochs"] = top.train(train_feats, y, val_feats, y_val, config, device, progress, top_views)
+            history["epochs"] = top.train(
+                train_feats, y, val_feats, y_val, config, device, progress, top_views, val_mirrored
+            )
+            if val_mirrored is not None:
+                averaged_val_feats = top.features(val_feats, device, val_mirrored)
             train_feats, val_feats = top.features(train_feats, device), top.features(val_feats, device)
             history["views"] = list(config.feature_views)
+            history["flip_average"] = bool(config.flip_average)
+            model.config.flip_average = bool(config.flip_average)
         elif config.feature_views or config.flip_average:  # which views to train on, chosen on validation
             trainer = lambda head, *data: train_head(head, *data, config, device, log)  # noqa: E731
             entries, averaged_val_feats = fit_with_views(

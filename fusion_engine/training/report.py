@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fusion_engine.artifacts.atomic import atomic_write_text
 from fusion_engine.errors import DataError, printable
-from fusion_engine.training.metrics import wilson_interval
+from fusion_engine.training.metrics import margin_text, wilson_interval
 from fusion_engine.training.provenance import provenance
 from fusion_engine.training.report_images import accuracy_chart, confusion_matrix_chart, thumbnail
 from fusion_engine.version import __version__
@@ -168,13 +168,14 @@ def _summary(report) -> str:
             f'<td class="num">[{low:.3f}, {high:.3f}]</td><td class="num">{m["macro_f1"]:.4f}</td>{margins}</tr>'
         )
     out.append("</table>")
-    margins = report.get("margins")
+    margins, se = report.get("margins"), report.get("margin_se", {})
     if margins:
         best = "beats" if margins["vs_best_branch"] > 0 else "does not beat"
         hand = "beats" if margins["vs_handcrafted"] > 0 else "does not beat"
         out.append(
-            f"<p>The fused model {best} its best branch ({100 * margins['vs_best_branch']:+.1f} points) and {hand} "
-            f"the handcrafted baseline ({100 * margins['vs_handcrafted']:+.1f} points) on these {n} images.</p>"
+            f"<p>The fused model {best} its best branch, {margin_text(margins['vs_best_branch'], se.get('vs_best_branch'))}, "
+            f"and {hand} the handcrafted baseline, {margin_text(margins['vs_handcrafted'], se.get('vs_handcrafted'))}, "
+            f"on these {n} images.</p>"
         )
     else:
         out.append(
@@ -182,7 +183,8 @@ def _summary(report) -> str:
         )
     out.append(
         '<p class="note">Intervals: Wilson score 95% interval of each accuracy on these images; margins: the fused '
-        "model minus that row, in percentage points.</p>"
+        "model minus that row, in percentage points; 2 s.e.: two standard errors of the margin, paired on these "
+        "images (a margin larger than that is beyond the noise).</p>"
     )
     out.append(_chart(accuracy_chart, [(label, round(m["accuracy"] * n), n) for label, m, _ in rows],
                       alt="accuracy of each model with 95% intervals"))  # fmt: skip

@@ -21,6 +21,9 @@ Choices:
 - Views (``feature_views``, ``train --views flip``): the trunk activations of each view of the training images are
   cached too (one more trunk pass per view), and every epoch reads each image from the original or a view, drawn
   at random: data augmentation at the price of a cache read.
+- ``flip_average`` (``train --views flip,flip-average``): the model averages each image's features with its mirror
+  image's, so validation (and early stopping) scores the averaged features too, from the trunk activations of the
+  mirrored validation images.
 """
 
 from __future__ import annotations
@@ -188,13 +191,21 @@ class TopBlocks:
             features[i] = read(i).to(device)
         return features
 
-    def features(self, inputs: list, device) -> list[np.ndarray]:
-        """Every branch's (N, D) features with the tops as they are now."""
+    def features(self, inputs: list, device, mirrored: list | None = None) -> list[np.ndarray]:
+        """Every branch's (N, D) features with the tops as they are now; with ``mirrored`` (the inputs of the
+        mirrored images) the mean of both, as a model with ``flip_average`` computes them."""
         with fast_memory_format(self.top_modules, device) as memory_format:
-            return self._features(inputs, device, memory_format)
+            return self._features(inputs, device, memory_format, mirrored)
+
+    def _features(self, inputs: list, device, memory_format, mirrored: list | None = None) -> list[np.ndarray]:
+        features = self._plain_features(inputs, device, memory_format)
+        if mirrored is None:
+            return features
+        flipped = self._plain_features(mirrored, device, memory_format)
+        return [(a + b) / 2 for a, b in zip(features, flipped)]
 
     @torch.no_grad()
-    def _features(self, inputs: list, device, memory_format, batch_size: int = 256) -> list[np.ndarray]:
+    def _plain_features(self, inputs: list, device, memory_format, batch_size: int = 256) -> list[np.ndarray]:
         self.top_modules.eval()
         chunks = [
             [
@@ -206,18 +217,28 @@ class TopBlocks:
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.model.branches))]
 
     def train(
-        self, inputs, y, val_inputs, y_val, config: TrainConfig, device, progress: bool = False, views: list = ()
+        self,
+        inputs,
+        y,
+        val_inputs,
+        y_val,
+        config: TrainConfig,
+        device,
+        progress: bool = False,
+        views: list = (),
+        val_mirrored: list | None = None,
     ) -> list[dict]:
         """Train the tops and the fusion head together (see the module docstring); returns the epochs' history.
         ``views``: the inputs of the training images' views (``inputs`` of a ViewDataset each); every epoch
-        reads each image from the original or one of its views, drawn at random."""
+        reads each image from the original or one of its views, drawn at random. ``val_mirrored``: the inputs of
+        the mirrored validation images, to score flip-averaged features."""
         with fast_memory_format(self.top_modules, device) as memory_format:  # channels_last on the CPU: 2x faster
-            return self._train(inputs, y, val_inputs, y_val, config, device, memory_format, progress, list(views))
+            return self._train(
+                inputs, y, (val_inputs, val_mirrored), y_val, config, device, memory_format, progress, list(views)
+            )
 
-    def _train(
-        self, inputs, y, val_inputs, y_val, config: TrainConfig, device, memory_format, progress, views
-    ) -> list[dict]:
-        head = self.model.fusion
+    def _train(self, inputs, y, val, y_val, config: TrainConfig, device, memory_format, progress, views) -> list[dict]:
+        head, (val_inputs, val_mirrored) = self.model.fusion, val
         self.top_modules.to(device).eval()  # batch norm keeps its running statistics
         head.to(device)
         decay = [p for p in self.params if p.dim() > 1]
@@ -255,7 +276,7 @@ class TopBlocks:
                     optimizer.step()
                     total += float(loss.detach()) * len(rows)
                 scheduler.step()
-                val_features = self._features(val_inputs, device, memory_format)
+                val_features = self._features(val_inputs, device, memory_format, val_mirrored)
                 val_pred = logits_from_features(head, val_features, device=device).argmax(1)
                 val_acc = float((val_pred == np.asarray(y_val)).mean())
                 epochs.append(
