@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,23 @@ def test_benchmark_help(script, subprocess_env):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:")
+
+
+def test_top_blocks_runs_a_tiny_split_with_flip_average_and_paired_margins(shared_dir, subprocess_env, tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["--dataset", "cifar", "--limit", "200", "--held-out", "60", "--weights", "mobilenetv1_025.tf1_quant_in1k",
+            "--input-size", "32", "--rows", "0,1:flip+flip-average", "--epochs", "2", "--speed-images", "8",
+            "--baselines", "--json", str(out)]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "top_blocks.py"), *args],
+        capture_output=True,
+        text=True,
+        env={**subprocess_env, "FUSION_ENGINE_SHARED": str(shared_dir)},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    frozen, averaged = json.loads(out.read_text())["rows"]
+    assert "held_out_without_flip_average" in averaged and "held_out_without_flip_average" not in frozen
+    for row in (frozen, averaged):
+        assert 0 < row["two_se_vs_handcrafted"] < 2 * (2 * 0.25 / 60) ** 0.5  # paired: at most the independent bound
+    assert "| 1:flip+flip-average |" in result.stdout
