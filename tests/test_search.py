@@ -578,3 +578,44 @@ def test_a_row_within_the_race_margin_runs_every_fold(engine, digits, tmp_path):
         race_margin=0.5,
     )
     assert all(len(r["cv_folds"]) == 5 and "stopped_early" not in r for r in result.rows)
+
+
+class FittedOnly(nn.Module):
+    """A fitted fusion whose constructor cannot run here: is_fitted must read the class, not build it."""
+
+    requires_fit = True
+
+    def __init__(self, in_dims, num_classes):
+        raise AssertionError("built to ask whether it is fitted")
+
+
+def wide_only(in_dims, num_classes):
+    """A function factory that refuses small inputs, as a plugin's may."""
+    if min(in_dims) < 8:
+        raise ValueError("needs at least 8 features per branch")
+    return MeanOfLinear(in_dims, num_classes)
+
+
+def fitted_by_function(in_dims, num_classes):
+    module = MeanOfLinear(in_dims, num_classes)
+    module.requires_fit = True
+    return module
+
+
+class FittedQuestionPlugin:
+    @hookimpl
+    def register_fusions(self, register):
+        register("fitted_only", FittedOnly, description="fitted (test plugin)")
+        register("wide_only", wide_only, description="refuses small inputs (test plugin)")
+        register("fitted_by_function", fitted_by_function, description="fitted, from a function (test plugin)")
+
+
+def test_is_fitted_asks_the_class_and_survives_a_factory_that_refuses_tiny_inputs(register_plugin):
+    from fusion_engine.search.run import is_fitted
+
+    register_plugin(FittedQuestionPlugin())
+    engine = Engine.from_plugins()
+    assert is_fitted(engine, {"name": "stacking"}) and not is_fitted(engine, {"name": "concat", "hidden": 16})
+    assert is_fitted(engine, {"name": "fitted_only"})  # from the class: never built
+    assert not is_fitted(engine, {"name": "wide_only"})  # cannot be built tiny: treated as trained by gradient
+    assert is_fitted(engine, {"name": "fitted_by_function"})

@@ -62,11 +62,17 @@ TOP_BLOCKS_NEED_GRADIENT = "fitted, not trained by gradient: it cannot train top
 
 
 def is_fitted(engine, fusion: dict) -> bool:
-    """Is ``fusion`` fitted (``requires_fit``, as stacking) rather than trained by gradient? (Built tiny to see.)"""
-    options = {k: v for k, v in fusion.items() if k != "name"}
-    return bool(
-        getattr(engine.registry.get("fusion", fusion["name"]).factory([2, 2], 2, **options), "requires_fit", False)
-    )
+    """Is ``fusion`` fitted (``requires_fit``, as stacking) rather than trained by gradient? A class factory says
+    so itself; a function factory's fusion is built tiny to see, and one that cannot be built that small counts as
+    trained by gradient (were it fitted, training the winner's top blocks refuses it with the same reason)."""
+    factory = engine.registry.get("fusion", fusion["name"]).factory
+    if isinstance(factory, type):
+        return bool(getattr(factory, "requires_fit", False))
+    try:
+        built = factory([2, 2], 2, **{k: v for k, v in fusion.items() if k != "name"})
+    except Exception:  # noqa: BLE001 - a plugin's factory may refuse sizes this small in any way
+        return False
+    return bool(getattr(built, "requires_fit", False))
 
 
 def search(
