@@ -32,6 +32,7 @@ from fusion_engine.core.data import load_dataset, stratified_split
 from fusion_engine.core.loader import make_loader
 from fusion_engine.training.evaluation import evaluate
 from fusion_engine.training.feature_cache import FeatureCache
+from fusion_engine.training.metrics import paired_difference_se
 
 
 @torch.inference_mode()
@@ -43,6 +44,29 @@ def held_out(model, test, batch_size: int = 64) -> tuple[float, float]:
         predictions.append(model(images).argmax(1).numpy())
     seconds = time.perf_counter() - start
     return float((np.concatenate(predictions) == test.targets).mean()), len(test) / seconds
+
+
+def fit_row(engine, backbones, classes, train, row: str, args, cache_dir, baselines: bool):
+    """A concat model of ``backbones`` trained as ``row`` (K or K:view+view[+flip-average]) says; (model, history)."""
+    k, _, named = row.partition(":")
+    views = [v for v in named.split("+") if v and v != "flip-average"]
+    torch.manual_seed(args.seed)
+    model = engine.build({"backbones": backbones, "fusion": "concat"}, class_names=classes)
+    history = model.fit(
+        train,
+        train_blocks=int(k),
+        feature_views=views,
+        flip_average="flip-average" in named.split("+"),
+        epochs=args.epochs,
+        lr=args.lr,
+        backbone_lr=args.backbone_lr,
+        seed=args.seed,
+        cache_dir=cache_dir,
+        baselines=baselines,
+        progress=True,
+        log=lambda *a, **kw: None,
+    )
+    return model, history
 
 
 def main() -> int:
@@ -69,6 +93,11 @@ def main() -> int:
         action="store_true",
         help="also score each branch's linear probe (on the features the row trained) and the handcrafted baseline",
     )
+    parser.add_argument(
+        "--single-rivals",
+        action="store_true",
+        help="also train each backbone alone the same way, and give the fused margin over the best of them",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("FUSION_ENGINE_WEIGHTS_DIR", str(SHARED / "weights"))
@@ -89,25 +118,8 @@ def main() -> int:
         size = {"input_size": [3, args.input_size, args.input_size]} if args.input_size else {}
         backbones = [{"name": "timm", "weights": w, **size} for w in args.weights.split(",")]
         for row in args.rows.split(","):
-            k, _, named = row.partition(":")
-            views = [v for v in named.split("+") if v and v != "flip-average"]
-            torch.manual_seed(args.seed)
-            model = engine.build({"backbones": backbones, "fusion": "concat"}, class_names=data.classes)
             start = time.perf_counter()
-            history = model.fit(
-                train,
-                train_blocks=int(k),
-                feature_views=views,
-                flip_average="flip-average" in named.split("+"),
-                epochs=args.epochs,
-                lr=args.lr,
-                backbone_lr=args.backbone_lr,
-                seed=args.seed,
-                cache_dir=cache_dir,
-                baselines=args.baselines,
-                progress=True,
-                log=lambda *a, **kw: None,
-            )
+            model, history = fit_row(engine, backbones, data.classes, train, row, args, cache_dir, args.baselines)
             fit_seconds = time.perf_counter() - start
             report = evaluate(model, test, cache=FeatureCache(enabled=False, runtime="torch"), progress=False)
             accuracy = report["accuracy"]
@@ -137,6 +149,18 @@ def main() -> int:
                 for rival in ("best_branch", "handcrafted"):  # two standard errors paired on the same images
                     rows[-1][f"vs_{rival}"] = round(report["margins"][f"vs_{rival}"], 4)
                     rows[-1][f"two_se_vs_{rival}"] = round(2 * report["margin_se"][f"vs_{rival}"], 4)
+            if args.single_rivals:  # each backbone alone, trained the same way: paired on the same images
+                singles = {}
+                for backbone in backbones:
+                    alone, _ = fit_row(engine, [backbone], data.classes, train, row, args, cache_dir, False)
+                    singles[backbone["weights"]] = evaluate(
+                        alone, test, cache=FeatureCache(enabled=False), progress=False
+                    )
+                best = max(singles, key=lambda w: singles[w]["accuracy"])
+                rows[-1]["singles"] = {w: round(r["accuracy"], 4) for w, r in singles.items()}
+                rows[-1]["vs_best_single"] = round(accuracy - singles[best]["accuracy"], 4)
+                se = paired_difference_se(test.targets, report.predictions, singles[best].predictions)
+                rows[-1]["two_se_vs_best_single"] = round(2 * se, 4)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     sample = test.subset(list(range(min(args.speed_images, len(test)))))
     speeds: dict[str, list[float]] = {k: [] for k in models}
@@ -166,6 +190,12 @@ def main() -> int:
                 f"{r['row']}: best branch probe {max(r['branches'].values()):.4f} ({r['vs_best_branch']:+.4f}, "
                 f"2 s.e. {r['two_se_vs_best_branch']:.4f}); handcrafted {r['handcrafted']:.4f} "
                 f"({r['vs_handcrafted']:+.4f}, 2 s.e. {r['two_se_vs_handcrafted']:.4f})"
+            )
+    for r in rows:
+        if "singles" in r:
+            print(
+                f"{r['row']}: best backbone alone, trained the same way {max(r['singles'].values()):.4f} "
+                f"({r['vs_best_single']:+.4f}, 2 s.e. {r['two_se_vs_best_single']:.4f})"
             )
     return 0
 

@@ -26,11 +26,14 @@ def test_benchmark_help(script, subprocess_env):
     assert result.stdout.startswith("usage:")
 
 
-def test_top_blocks_runs_a_tiny_split_with_flip_average_and_paired_margins(shared_dir, subprocess_env, tmp_path):
+def test_top_blocks_runs_a_tiny_split_with_flip_average_single_rivals_and_paired_margins(
+    shared_dir, subprocess_env, tmp_path
+):
     out = tmp_path / "rows.json"
-    args = ["--dataset", "cifar", "--limit", "200", "--held-out", "60", "--weights", "mobilenetv1_025.tf1_quant_in1k",
-            "--input-size", "32", "--rows", "0,1:flip+flip-average", "--epochs", "2", "--speed-images", "8",
-            "--baselines", "--json", str(out)]  # fmt: skip
+    weights = "mobilenetv1_025.tf1_quant_in1k,mobilenetv1_050.tf1_quant_in1k"
+    args = ["--dataset", "cifar", "--limit", "200", "--held-out", "60", "--weights", weights, "--input-size", "32",
+            "--rows", "0,1:flip+flip-average", "--epochs", "2", "--speed-images", "8", "--baselines",
+            "--single-rivals", "--json", str(out)]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "top_blocks.py"), *args],
         capture_output=True,
@@ -44,3 +47,6 @@ def test_top_blocks_runs_a_tiny_split_with_flip_average_and_paired_margins(share
     for row in (frozen, averaged):
         assert 0 < row["two_se_vs_handcrafted"] < 2 * (2 * 0.25 / 60) ** 0.5  # paired: at most the independent bound
     assert "| 1:flip+flip-average |" in result.stdout
+    for row in (frozen, averaged):  # each backbone alone, trained as the row says
+        assert set(row["singles"]) == set(weights.split(","))
+        assert row["vs_best_single"] == pytest.approx(row["held_out_accuracy"] - max(row["singles"].values()), abs=2e-4)
