@@ -149,10 +149,10 @@ def test_trained_model_saves_loads_exports_and_signs(engine, data, tmp_path):
     private, public = generate_keypair(tmp_path / "signing.pem")
     run = tmp_path / "run"
     args = ["train", "--config", str(config), "--data", "digits", "--train-blocks", "1", "--epochs", "2"]
-    args += ["--no-cache", "--no-baselines", "--out", str(run), "--sign-key", str(private), "-q"]
-    assert main(args) == 0
+    args += ["--views", "flip,flip-average", "--no-cache", "--no-baselines", "--out", str(run)]
+    assert main([*args, "--sign-key", str(private), "-q"]) == 0
     model = load(run, public_key=public)
-    assert model.history["config"]["train_blocks"] == 1
+    assert model.history["config"]["train_blocks"] == 1 and model.config.flip_average  # kept by save and load
     images = torch.rand(6, 3, 24, 24)
     torch.testing.assert_close(load(run).predict_proba(images), model.predict_proba(images))
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0  # parity checked

@@ -71,7 +71,8 @@ def add_parser(sub) -> None:
         "--views",
         help="frozen mode: also train on the features of these image views, each extracted once (flip, shift), "
         "and/or flip-average at prediction (flip-average): e.g. flip,shift,flip-average; auto: what validation prefers; "
-        "with --train-blocks, name the views (flip): the tops train on their trunk activations too",
+        "with --train-blocks, name them (flip,shift,flip-average): the tops train on the views' trunk activations "
+        "too, and validation scores the flip-averaged features",
     )
     p.add_argument("--no-augment", action="store_true", help="finetune without data augmentation")
     p.add_argument("--mixup", type=float, help="finetune: mixup alpha")
