@@ -161,6 +161,14 @@ def main() -> int:
                 rows[-1]["vs_best_single"] = round(accuracy - singles[best]["accuracy"], 4)
                 se = paired_difference_se(test.targets, report.predictions, singles[best].predictions)
                 rows[-1]["two_se_vs_best_single"] = round(2 * se, 4)
+                # late fusion: the singles' class probabilities averaged, against the best of them
+                averaged = np.mean([r.probabilities for r in singles.values()], axis=0).argmax(1)
+                rows[-1]["singles_averaged"] = round(float((averaged == test.targets).mean()), 4)
+                rows[-1]["singles_averaged_vs_best_single"] = round(
+                    rows[-1]["singles_averaged"] - singles[best]["accuracy"], 4
+                )
+                se = paired_difference_se(test.targets, averaged, singles[best].predictions)
+                rows[-1]["two_se_singles_averaged_vs_best_single"] = round(2 * se, 4)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     sample = test.subset(list(range(min(args.speed_images, len(test)))))
     speeds: dict[str, list[float]] = {k: [] for k in models}
@@ -195,7 +203,9 @@ def main() -> int:
         if "singles" in r:
             print(
                 f"{r['row']}: best backbone alone, trained the same way {max(r['singles'].values()):.4f} "
-                f"({r['vs_best_single']:+.4f}, 2 s.e. {r['two_se_vs_best_single']:.4f})"
+                f"({r['vs_best_single']:+.4f}, 2 s.e. {r['two_se_vs_best_single']:.4f}); the singles' probabilities "
+                f"averaged {r['singles_averaged']:.4f} ({r['singles_averaged_vs_best_single']:+.4f} vs the best, "
+                f"2 s.e. {r['two_se_singles_averaged_vs_best_single']:.4f})"
             )
     return 0
 

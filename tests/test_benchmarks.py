@@ -50,3 +50,4 @@ def test_top_blocks_runs_a_tiny_split_with_flip_average_single_rivals_and_paired
     for row in (frozen, averaged):  # each backbone alone, trained as the row says
         assert set(row["singles"]) == set(weights.split(","))
         assert row["vs_best_single"] == pytest.approx(row["held_out_accuracy"] - max(row["singles"].values()), abs=2e-4)
+        assert 0 < row["singles_averaged"] <= 1 and row["two_se_singles_averaged_vs_best_single"] >= 0
