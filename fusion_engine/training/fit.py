@@ -23,7 +23,7 @@ from fusion_engine.training.evaluation import logits_from_features
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.top_blocks import TopBlocks
 from fusion_engine.training.view_selection import fit_with_views
-from fusion_engine.training.views import ViewDataset
+from fusion_engine.training.views import ViewDataset, mean_of_views
 
 
 def _shown(classes) -> str:
@@ -135,9 +135,9 @@ def fit(
             history["epochs"] = top.train(
                 train_feats, y, val_feats, y_val, config, device, progress, top_views, val_mirrored
             )
-            if val_mirrored is not None:
-                averaged_val_feats = top.features(val_feats, device, val_mirrored)
             train_feats, val_feats = top.features(train_feats, device), top.features(val_feats, device)
+            if val_mirrored is not None:
+                averaged_val_feats = mean_of_views(val_feats, top.features(val_mirrored, device))
             history["views"] = list(config.feature_views)
             history["flip_average"] = bool(config.flip_average)
             model.config.flip_average = bool(config.flip_average)

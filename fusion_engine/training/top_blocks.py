@@ -45,6 +45,7 @@ from fusion_engine.runtime.runtimes import fast_memory_format
 from fusion_engine.training.config import TrainConfig
 from fusion_engine.training.evaluation import logits_from_features
 from fusion_engine.training.feature_cache import branch_key
+from fusion_engine.training.views import mean_of_views
 
 ACTIVATIONS_VERSION = "trunk-activations-v1"
 
@@ -191,21 +192,13 @@ class TopBlocks:
             features[i] = read(i).to(device)
         return features
 
-    def features(self, inputs: list, device, mirrored: list | None = None) -> list[np.ndarray]:
-        """Every branch's (N, D) features with the tops as they are now; with ``mirrored`` (the inputs of the
-        mirrored images) the mean of both, as a model with ``flip_average`` computes them."""
+    def features(self, inputs: list, device) -> list[np.ndarray]:
+        """Every branch's (N, D) features with the tops as they are now."""
         with fast_memory_format(self.top_modules, device) as memory_format:
-            return self._features(inputs, device, memory_format, mirrored)
-
-    def _features(self, inputs: list, device, memory_format, mirrored: list | None = None) -> list[np.ndarray]:
-        features = self._plain_features(inputs, device, memory_format)
-        if mirrored is None:
-            return features
-        flipped = self._plain_features(mirrored, device, memory_format)
-        return [(a + b) / 2 for a, b in zip(features, flipped)]
+            return self._features(inputs, device, memory_format)
 
     @torch.no_grad()
-    def _plain_features(self, inputs: list, device, memory_format, batch_size: int = 256) -> list[np.ndarray]:
+    def _features(self, inputs: list, device, memory_format, batch_size: int = 256) -> list[np.ndarray]:
         self.top_modules.eval()
         chunks = [
             [
@@ -234,11 +227,13 @@ class TopBlocks:
         the mirrored validation images, to score flip-averaged features."""
         with fast_memory_format(self.top_modules, device) as memory_format:  # channels_last on the CPU: 2x faster
             return self._train(
-                inputs, y, (val_inputs, val_mirrored), y_val, config, device, memory_format, progress, list(views)
+                inputs, y, val_inputs, y_val, config, device, memory_format, progress, list(views), val_mirrored
             )
 
-    def _train(self, inputs, y, val, y_val, config: TrainConfig, device, memory_format, progress, views) -> list[dict]:
-        head, (val_inputs, val_mirrored) = self.model.fusion, val
+    def _train(
+        self, inputs, y, val_inputs, y_val, config: TrainConfig, device, memory_format, progress, views, val_mirrored
+    ) -> list[dict]:
+        head = self.model.fusion
         self.top_modules.to(device).eval()  # batch norm keeps its running statistics
         head.to(device)
         decay = [p for p in self.params if p.dim() > 1]
@@ -276,7 +271,9 @@ class TopBlocks:
                     optimizer.step()
                     total += float(loss.detach()) * len(rows)
                 scheduler.step()
-                val_features = self._features(val_inputs, device, memory_format, val_mirrored)
+                val_features = self._features(val_inputs, device, memory_format)
+                if val_mirrored is not None:  # scored as the model predicts: each image with its mirror image
+                    val_features = mean_of_views(val_features, self._features(val_mirrored, device, memory_format))
                 val_pred = logits_from_features(head, val_features, device=device).argmax(1)
                 val_acc = float((val_pred == np.asarray(y_val)).mean())
                 epochs.append(

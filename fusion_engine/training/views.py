@@ -76,11 +76,15 @@ def stacked(original: list, extra: dict[str, list]) -> list[np.ndarray]:
     ]
 
 
-def flip_averaged(cache, model, dataset, features: list, **options) -> list[np.ndarray]:
-    """Per branch: the mean of ``features`` (the dataset's own) and its flip view's features, as a model
-    with ``flip_average`` computes them at inference."""
-    flipped = view_features(cache, model, dataset, ["flip"], **options)["flip"]
+def mean_of_views(features: list, flipped: list) -> list[np.ndarray]:
+    """Per branch: the mean of an image's features and its mirror image's, as a model with ``flip_average``
+    computes them at inference."""
     return [(np.asarray(a) + np.asarray(b)) / 2 for a, b in zip(features, flipped)]
+
+
+def flip_averaged(cache, model, dataset, features: list, **options) -> list[np.ndarray]:
+    """Per branch: the mean of ``features`` (the dataset's own) and its flip view's features."""
+    return mean_of_views(features, view_features(cache, model, dataset, ["flip"], **options)["flip"])
 
 
 def view_options(text: str | None) -> dict:
