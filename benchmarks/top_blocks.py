@@ -7,7 +7,8 @@
 
 The branches (--weights, from ../shared/weights) with a concat head, trained with ``train_blocks`` K (0: the frozen
 features and a linear head, as today) and optionally views (``K:flip``: the trunk activations of mirrored images
-too; ``+flip-average``: the model averages each image's features with its mirror image's). Per row:
+too; ``+flip-average``: the model averages each image's features with its mirror image's; ``+independent``: a vote
+fusion whose branches train apart, each top and head on its own loss, with the best branch alone beside it). Per row:
 activation/feature extraction and training wall time (one cache folder for all rows, fresh unless --cache-dir: a
 row's extraction is cold unless an earlier row extracted the same), validation and held-out accuracy (with
 flip-average, also without it), and the trained model's inference speed next to the first row's, measured side by
@@ -30,9 +31,10 @@ from shared_data import DATASETS, SHARED
 from fusion_engine import Engine
 from fusion_engine.core.data import load_dataset, stratified_split
 from fusion_engine.core.loader import make_loader
-from fusion_engine.training.evaluation import evaluate
+from fusion_engine.training.evaluation import evaluate, logits_from_features
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.metrics import paired_difference_se
+from fusion_engine.training.views import flip_averaged
 
 
 @torch.inference_mode()
@@ -47,16 +49,20 @@ def held_out(model, test, batch_size: int = 64) -> tuple[float, float]:
 
 
 def fit_row(engine, backbones, classes, train, row: str, args, cache_dir, baselines: bool):
-    """A concat model of ``backbones`` trained as ``row`` (K or K:view+view[+flip-average]) says; (model, history)."""
+    """A model of ``backbones`` trained as ``row`` (K or K:token+token...: views, flip-average, independent)
+    says: a concat head, or with ``independent`` a vote of branches trained apart; (model, history)."""
     k, _, named = row.partition(":")
-    views = [v for v in named.split("+") if v and v != "flip-average"]
+    tokens = named.split("+") if named else []
+    independent = "independent" in tokens
+    views = [v for v in tokens if v not in ("flip-average", "independent")]
     torch.manual_seed(args.seed)
-    model = engine.build({"backbones": backbones, "fusion": "concat"}, class_names=classes)
+    model = engine.build({"backbones": backbones, "fusion": "vote" if independent else "concat"}, class_names=classes)
     history = model.fit(
         train,
         train_blocks=int(k),
+        independent_branches=independent,
         feature_views=views,
-        flip_average="flip-average" in named.split("+"),
+        flip_average="flip-average" in tokens,
         epochs=args.epochs,
         lr=args.lr,
         backbone_lr=args.backbone_lr,
@@ -67,6 +73,18 @@ def fit_row(engine, backbones, classes, train, row: str, args, cache_dir, baseli
         log=lambda *a, **kw: None,
     )
     return model, history
+
+
+def branch_head_predictions(model, test, cache) -> dict[str, np.ndarray]:
+    """Each branch head's own predictions on ``test`` (a vote of independently trained branches: each is that
+    backbone trained alone), from the features ``evaluate`` cached."""
+    features = cache.features(model, test, progress=False)
+    if model.config.flip_average:
+        features = flip_averaged(cache, model, test, features, progress=False)
+    return {
+        name: logits_from_features(lambda batch, h=head: h(batch[0]), [f]).argmax(1)
+        for name, head, f in zip(model.branch_names, model.fusion.branch_heads, features)
+    }
 
 
 def main() -> int:
@@ -81,7 +99,8 @@ def main() -> int:
         "--rows",
         default="0,1,2",
         help="K or K:view+view per row, comma-separated (2:flip; 2:flip+shift+flip-average also averages each "
-        "image's features with its mirror image's at prediction)",
+        "image's features with its mirror image's at prediction; 2:flip+shift+flip-average+independent trains "
+        "the branches apart and votes)",
     )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
@@ -143,6 +162,13 @@ def main() -> int:
                 unaveraged = evaluate(model, test, cache=held_out_cache, progress=False)["accuracy"]
                 model.config.flip_average = True
                 rows[-1]["held_out_without_flip_average"] = round(unaveraged, 4)
+            if history.get("independent_branches"):  # fused vs its best branch alone, paired on the same images
+                alone = branch_head_predictions(model, test, held_out_cache)
+                best = max(alone, key=lambda name: (alone[name] == test.targets).mean())
+                rows[-1]["branches_alone"] = {k: round(float((p == test.targets).mean()), 4) for k, p in alone.items()}
+                rows[-1]["vs_best_alone"] = round(accuracy - rows[-1]["branches_alone"][best], 4)
+                se = paired_difference_se(test.targets, report.predictions, alone[best])
+                rows[-1]["two_se_vs_best_alone"] = round(2 * se, 4)
             if args.baselines:
                 rows[-1]["branches"] = {k: round(v, 4) for k, v in report["branches"].items()}
                 rows[-1]["handcrafted"] = round(report["baselines"]["handcrafted"], 4)
@@ -200,6 +226,11 @@ def main() -> int:
                 f"({r['vs_handcrafted']:+.4f}, 2 s.e. {r['two_se_vs_handcrafted']:.4f})"
             )
     for r in rows:
+        if "branches_alone" in r:
+            print(
+                f"{r['row']}: the vote of branches trained apart against its best branch alone "
+                f"{max(r['branches_alone'].values()):.4f}: {r['vs_best_alone']:+.4f} (2 s.e. {r['two_se_vs_best_alone']:.4f})"
+            )
         if "singles" in r:
             print(
                 f"{r['row']}: best backbone alone, trained the same way {max(r['singles'].values()):.4f} "

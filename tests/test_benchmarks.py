@@ -26,13 +26,13 @@ def test_benchmark_help(script, subprocess_env):
     assert result.stdout.startswith("usage:")
 
 
-def test_top_blocks_runs_a_tiny_split_with_flip_average_single_rivals_and_paired_margins(
+def test_top_blocks_runs_a_tiny_split_with_flip_average_independent_branches_and_paired_margins(
     shared_dir, subprocess_env, tmp_path
 ):
     out = tmp_path / "rows.json"
     weights = "mobilenetv1_025.tf1_quant_in1k,mobilenetv1_050.tf1_quant_in1k"
     args = ["--dataset", "cifar", "--limit", "200", "--held-out", "60", "--weights", weights, "--input-size", "32",
-            "--rows", "0,1:flip+flip-average", "--epochs", "2", "--speed-images", "8", "--baselines",
+            "--rows", "0,1:flip+flip-average,1:flip+independent", "--epochs", "2", "--speed-images", "8", "--baselines",
             "--single-rivals", "--json", str(out)]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "top_blocks.py"), *args],
@@ -42,7 +42,7 @@ def test_top_blocks_runs_a_tiny_split_with_flip_average_single_rivals_and_paired
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    frozen, averaged = json.loads(out.read_text())["rows"]
+    frozen, averaged, independent = json.loads(out.read_text())["rows"]
     assert "held_out_without_flip_average" in averaged and "held_out_without_flip_average" not in frozen
     for row in (frozen, averaged):
         assert 0 < row["two_se_vs_handcrafted"] < 2 * (2 * 0.25 / 60) ** 0.5  # paired: at most the independent bound
@@ -51,3 +51,9 @@ def test_top_blocks_runs_a_tiny_split_with_flip_average_single_rivals_and_paired
         assert set(row["singles"]) == set(weights.split(","))
         assert row["vs_best_single"] == pytest.approx(row["held_out_accuracy"] - max(row["singles"].values()), abs=2e-4)
         assert 0 < row["singles_averaged"] <= 1 and row["two_se_singles_averaged_vs_best_single"] >= 0
+    alone = independent["branches_alone"]  # the vote's branches, each trained apart: the best one alone beside it
+    assert len(alone) == 2 and "branches_alone" not in averaged
+    assert independent["vs_best_alone"] == pytest.approx(
+        independent["held_out_accuracy"] - max(alone.values()), abs=2e-4
+    )
+    assert "the vote of branches trained apart" in result.stdout

@@ -665,3 +665,31 @@ def test_search_with_train_blocks_trains_the_winners_tops(tmp_path, capsys):
     assert "cannot train top blocks" in out["search"]["fusions"]["invalid"][0]["error"]
     model = fusion_engine.load(run)
     assert model.history["config"]["train_blocks"] == 1 and model.history["epochs"]
+
+
+def test_search_with_independent_branches_keeps_fusions_with_a_head_per_branch(tmp_path, capsys):
+    """Independent branches need a head per branch: the search screens and selects with vote, lists concat as
+    invalid with the reason, and the winner's branches train apart."""
+    tiny = [
+        {"name": "timm", "model": m, "input_size": 32, "pretrained": False}
+        for m in ("test_efficientnet", "test_resnet")
+    ]
+    (tmp_path / "cands.json").write_text(json.dumps({"backbones": tiny, "fusions": ["concat", "vote"]}))
+    run = tmp_path / "run"
+    argv = ["train", "--search", "--candidates", str(tmp_path / "cands.json"), "--data", "digits"]
+    argv += ["--train-blocks", "1", "--independent-branches", "--out", str(run), "--folds", "2"]
+    argv += ["--search-epochs", "2", "--epochs", "2", "--no-cache", "-q", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    invalid = out["search"]["fusions"]["invalid"]
+    assert [p["fusion"] for p in invalid] == ["concat", "concat(hidden=512)"]
+    assert "cannot train independently" in invalid[0]["error"]
+    model = fusion_engine.load(run)
+    assert model.config.fusion.name == "vote" and model.history["independent_branches"]
+    assert all("branch_val_accuracy" in e for e in model.history["epochs"])
+
+
+def test_independent_branches_need_a_head_per_branch(ws, tmp_path, capsys):
+    args = train_args(ws, tmp_path / "run") + ["--train-blocks", "1", "--independent-branches", "--fusion", "concat"]
+    assert main(args) == 2
+    assert "one head over all branches" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -235,3 +235,60 @@ def test_views_with_top_blocks_must_be_named(engine):
     for field in ("feature_views", "flip_average"):
         with pytest.raises(ConfigError, match=rf"name the views.*--views flip,flip-average.*{field}='auto'"):
             train_config(train_blocks=1, **{field: "auto"})
+
+
+def vote_model(engine, backbones=(EFFNET, RESNET)):
+    torch.manual_seed(0)
+    fusion = {"name": "vote", "dropout": 0.0}  # no dropout: training draws no random numbers per branch
+    return engine.build({"backbones": list(backbones), "fusion": fusion}, class_names=CLASSES)
+
+
+def test_independent_branches_train_each_as_if_alone(engine, data):
+    """With independent branches, a branch's top and head end exactly where training that branch alone takes them;
+    joint training through the fused prediction takes them elsewhere."""
+    runs = {}
+    for independent in (True, False):
+        pair = vote_model(engine)
+        alone = vote_model(engine, [EFFNET])
+        alone.branches[0].backbone.load_state_dict(pair.branches[0].backbone.state_dict())
+        alone.fusion.branch_heads[0].load_state_dict(pair.fusion.branch_heads[0].state_dict())
+        options = dict(train_blocks=1, independent_branches=independent, epochs=3, lr=1e-2, backbone_lr=1e-2)
+        for model in (pair, alone):
+            model.fit(data, use_cache=False, baselines=False, **options, **QUIET)
+        runs[independent] = [
+            (a, b)
+            for model_a, model_b in [(pair.branches[0].backbone, alone.branches[0].backbone)]
+            + [(pair.fusion.branch_heads[0], alone.fusion.branch_heads[0])]
+            for a, b in zip(model_a.parameters(), model_b.parameters())
+        ]
+    for a, b in runs[True]:
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in runs[False])
+
+
+def test_independent_branches_keep_each_ones_best_epoch(engine, data):
+    from fusion_engine.core.data import stratified_split
+
+    model = vote_model(engine)
+    history = model.fit(
+        data, train_blocks=1, independent_branches=True, epochs=4, lr=3e-2, use_cache=False, baselines=False, **QUIET
+    )
+    assert history["independent_branches"]
+    _, val = stratified_split(data, 0.15, 0)  # fit()'s validation split
+    model.eval()
+    with torch.no_grad():
+        features = [torch.cat(f) for f in zip(*(model.branch_features(x) for x, _ in make_loader(val, model, 64)))]
+        for i, head in enumerate(model.fusion.branch_heads):
+            accuracy = float((head(features[i]).argmax(1).numpy() == val.targets).mean())
+            assert accuracy == pytest.approx(max(e["branch_val_accuracy"][i] for e in history["epochs"]), abs=1e-4)
+
+
+def test_independent_branches_refusals_name_the_fix(engine):
+    with pytest.raises(ConfigError, match=r"one head over all branches.*\(vote\).*--independent-branches"):
+        TopBlocks(build(engine), 1, independent=True)
+    shared = vote_model(engine, [EFFNET, EFFNET])
+    shared.share_backbones([[0, 1]])
+    with pytest.raises(ConfigError, match="share one backbone.*own backbone"):
+        TopBlocks(shared, 1, independent=True)
+    with pytest.raises(ConfigError, match="set train_blocks too.*--train-blocks 2 --independent-branches"):
+        train_config(independent_branches=True)

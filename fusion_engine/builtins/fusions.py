@@ -130,6 +130,12 @@ class Vote(nn.Module):
         self.log_weights = nn.Parameter(initial, requires_grad=weights is None)
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
+    @property
+    def branch_heads(self) -> nn.ModuleList:
+        """One head per branch, ``branch_heads[i](features[i])`` its logits: what training with independent
+        branches (``train --independent-branches``) trains on each branch's own loss."""
+        return self.heads
+
     def branch_weights(self) -> torch.Tensor:
         return torch.softmax(self.log_weights, dim=0)
 

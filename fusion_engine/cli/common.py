@@ -72,6 +72,7 @@ def train_config_from(args):
             backbone_lr=args.backbone_lr,
             unfreeze=args.unfreeze,
             train_blocks=args.train_blocks,
+            independent_branches=getattr(args, "independent_branches", None),
             augment=not args.no_augment,
             mixup=args.mixup,
             cutmix=args.cutmix,

@@ -68,6 +68,13 @@ def add_parser(sub) -> None:
         "(default 0: the head only)",
     )
     p.add_argument(
+        "--independent-branches",
+        action="store_true",
+        default=None,
+        help="with --train-blocks: train each branch's top blocks and head on its own loss, each keeping its best "
+        "epoch, and let the fusion combine them (a late-fusion ensemble; needs a head per branch: --fusion vote)",
+    )
+    p.add_argument(
         "--views",
         help="frozen mode: also train on the features of these image views, each extracted once (flip, shift), "
         "and/or flip-average at prediction (flip-average): e.g. flip,shift,flip-average; auto: what validation prefers; "

@@ -18,7 +18,8 @@ data only, select backbones and fusion by cross-validation (:mod:`fusion_engine.
 
 With ``train_blocks`` in the training options, the selection still runs on frozen features (a CV row with top
 blocks would cost minutes per fold); the winner's final training then trains its top blocks, so only fusions
-trained by gradient are candidates (stacking is listed as invalid, with the reason).
+trained by gradient are candidates (stacking is listed as invalid, with the reason), and with
+``independent_branches`` only fusions with a head per branch (vote).
 
 Each CV fold trains a head as ``fit()`` does (gradient fusions: early stopping on a split of
 the fold's training rows; fitted fusions such as stacking: ``fusion.fit``), with a modest
@@ -59,20 +60,29 @@ from fusion_engine.training.config import TrainConfig, resolve_device, seed_ever
 from fusion_engine.training.feature_cache import FeatureCache
 
 TOP_BLOCKS_NEED_GRADIENT = "fitted, not trained by gradient: it cannot train top blocks (--train-blocks)"
+INDEPENDENT_NEEDS_BRANCH_HEADS = (
+    "one head over all branches: its branches cannot train independently (--independent-branches)"
+)
 
 
-def is_fitted(engine, fusion: dict) -> bool:
-    """Is ``fusion`` fitted (``requires_fit``, as stacking) rather than trained by gradient? A class factory says
-    so itself; a function factory's fusion is built tiny to see, and one that cannot be built that small counts as
-    trained by gradient (were it fitted, training the winner's top blocks refuses it with the same reason)."""
+def fusion_has(engine, fusion: dict, trait: str) -> bool:
+    """Does ``fusion`` have ``trait``: ``requires_fit`` (fitted, as stacking, rather than trained by gradient) or
+    ``branch_heads`` (a head per branch, as vote)? A class factory says so itself; a function factory's fusion is
+    built tiny to see, and one that cannot be built that small counts as trained by gradient without branch heads
+    (training the winner refuses it with the same reason if that is wrong)."""
     factory = engine.registry.get("fusion", fusion["name"]).factory
     if isinstance(factory, type):
-        return bool(getattr(factory, "requires_fit", False))
+        return bool(getattr(factory, trait, False))
     try:
         built = factory([2, 2], 2, **{k: v for k, v in fusion.items() if k != "name"})
     except Exception:  # noqa: BLE001 - a plugin's factory may refuse sizes this small in any way
         return False
-    return bool(getattr(built, "requires_fit", False))
+    return bool(getattr(built, trait, False))
+
+
+def is_fitted(engine, fusion: dict) -> bool:
+    """Is ``fusion`` fitted (``requires_fit``, as stacking) rather than trained by gradient?"""
+    return fusion_has(engine, fusion, "requires_fit")
 
 
 def search(
@@ -127,6 +137,10 @@ def search(
         fitted = [f for f in fusion_list if is_fitted(engine, f)]
         fusion_list = [f for f in fusion_list if f not in fitted]
         fusion_problems += [{"fusion": setting_label(f), "error": TOP_BLOCKS_NEED_GRADIENT} for f in fitted]
+    if train_config.independent_branches:  # the winner's branches train apart: a head per branch needed
+        joint = [f for f in fusion_list if not fusion_has(engine, f, "branch_heads")]
+        fusion_list = [f for f in fusion_list if f not in joint]
+        fusion_problems += [{"fusion": setting_label(f), "error": INDEPENDENT_NEEDS_BRANCH_HEADS} for f in joint]
     if not fusion_list:
         raise ConfigError("no candidate fusion is valid: " + "; ".join(p["error"] for p in fusion_problems))
     if config.screen is not None:
@@ -136,8 +150,12 @@ def search(
         )
     else:
         screen = dict(SCREEN_FUSION) if "concat" in engine.registry.names("fusion") else dict(fusion_list[0])
+        if train_config.independent_branches:  # a screening row may win: it must train as the winner will
+            screen = dict(fusion_list[0])
     if train_config.train_blocks and is_fitted(engine, screen):
         raise ConfigError(f"screen fusion {setting_label(screen)}: {TOP_BLOCKS_NEED_GRADIENT}; screen with concat")
+    if train_config.independent_branches and not fusion_has(engine, screen, "branch_heads"):
+        raise ConfigError(f"screen fusion {setting_label(screen)}: {INDEPENDENT_NEEDS_BRANCH_HEADS}; screen with vote")
 
     device = resolve_device(train_config.device)
     train = load_dataset(train)

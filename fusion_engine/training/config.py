@@ -36,6 +36,13 @@ class TrainConfig(BaseModel):
             "(training.top_blocks; 0: head only)"
         ),
     )
+    independent_branches: bool = Field(
+        default=False,
+        description=(
+            "with train_blocks: each branch's top and head train on that branch's own loss, with their own early "
+            "stopping, and the fusion combines them (a late-fusion ensemble; fusions with a head per branch: vote)"
+        ),
+    )
     augment: bool = True
     mixup: float = Field(default=0.0, ge=0, description="finetune: mixup alpha (0: off)")
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: bfloat16 autocast (finetune)")
@@ -69,6 +76,16 @@ class TrainConfig(BaseModel):
     def _frozen_mode_only(cls, value: int, info: ValidationInfo) -> int:
         if value and info.data.get("mode") != "frozen":
             raise ValueError("top blocks train in frozen mode; in finetune mode choose the stages with unfreeze")
+        return value
+
+    @field_validator("independent_branches")
+    @classmethod
+    def _with_top_blocks(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("train_blocks"):
+            raise ValueError(
+                "independent branches train their top blocks apart: set train_blocks too (train --train-blocks 2 "
+                "--independent-branches --fusion vote)"
+            )
         return value
 
     @field_validator("feature_views", "flip_average")

@@ -100,7 +100,7 @@ def fit(
         )
         clock.lap("finetune")
     model.to(device)
-    top = TopBlocks(model, config.train_blocks) if config.train_blocks else None
+    top = TopBlocks(model, config.train_blocks, config.independent_branches) if config.train_blocks else None
 
     def extract(dataset):  # features, or for the tops their trunk activations (the other branches' features)
         if top is not None:
@@ -138,6 +138,7 @@ def fit(
             train_feats, val_feats = top.features(train_feats, device), top.features(val_feats, device)
             if val_mirrored is not None:
                 averaged_val_feats = mean_of_views(val_feats, top.features(val_mirrored, device))
+            history["independent_branches"] = config.independent_branches
             history["views"] = list(config.feature_views)
             history["flip_average"] = bool(config.flip_average)
             model.config.flip_average = bool(config.flip_average)
