@@ -374,9 +374,27 @@ class FitDoesNothing(Heads):
         return self
 
 
+class HeadsMissingOne(Heads):
+    """Claims a head per branch but exposes one fewer."""
+
+    @property
+    def branch_heads(self):
+        return self.heads[:-1]
+
+
+class HeadsOfFeatures(Heads):
+    """Its branch heads give features, not logits."""
+
+    def __init__(self, in_dims, num_classes):
+        super().__init__(in_dims, num_classes)
+        self.branch_heads = nn.ModuleList(nn.Linear(d, 2 * num_classes) for d in in_dims)
+
+
 @pytest.mark.parametrize(
     "factory, message",
     [
+        (HeadsMissingOne, r"branch_heads must be an nn.ModuleList with one head per branch \(2\), got ModuleList of 1"),
+        (HeadsOfFeatures, r"branch_heads\[0\]\(features\[0\]\) gave shape \(4, 6\); expected that branch's logits"),
         (WrongClasses, r"gave shape \(4, 4\); expected logits \(batch, num_classes\) = \(4, 3\)"),
         (DetachedBranch, r"no gradient reaches the features of branch\(es\) \[1\]"),
         (NoGraph, r"its logits carry no gradient in train mode.*requires_fit = True"),

@@ -429,6 +429,23 @@ def _synthetic_features(in_dims, num_classes: int, n: int):
     return features, y
 
 
+def _check_branch_heads(t, heads, batch: list, num_classes: int) -> None:
+    """``branch_heads`` (what independent branches train): one module per branch, each giving its branch's logits."""
+    if not isinstance(heads, torch.nn.ModuleList) or len(heads) != len(batch):
+        t.fail(
+            f"branch_heads must be an nn.ModuleList with one head per branch ({len(batch)}), got "
+            f"{type(heads).__name__}" + (f" of {len(heads)}" if isinstance(heads, torch.nn.ModuleList) else "")
+        )
+    with torch.no_grad():
+        for i, (head, features) in enumerate(zip(heads, batch)):
+            out = head(features)
+            if tuple(out.shape) != (len(features), num_classes):
+                t.fail(
+                    f"branch_heads[{i}](features[{i}]) gave shape {tuple(out.shape)}; expected that branch's "
+                    f"logits ({len(features)}, {num_classes})"
+                )
+
+
 def check_fusion(
     fusion,
     *,
@@ -447,7 +464,8 @@ def check_fusion(
     eval mode deterministic and a batch of one agreeing with the batch; a tensors-only state
     dict that round-trips through safetensors into a fresh (unfitted) instance with identical
     logits; for a fusion trained by gradient, every trainable parameter and every branch's
-    features get a gradient from the loss. Returns the (fitted) fusion.
+    features get a gradient from the loss; ``branch_heads``, if the fusion has them, one per branch,
+    each giving its branch's logits. Returns the (fitted) fusion.
     """
     in_dims = [int(d) for d in in_dims]
     t = _Target("fusion", fusion, engine, _options(options, kwargs))
@@ -490,6 +508,8 @@ def check_fusion(
         )
     _check_eval_behaviour(t, module, run, batch, out, "forward")
     _check_round_trip(t, module, lambda: t.build(list(in_dims), num_classes), run, batch, "logits")
+    if hasattr(module, "branch_heads"):
+        _check_branch_heads(t, module.branch_heads, batch, num_classes)
     if requires_fit:
         with torch.no_grad():
             fitted_accuracy = float((run(module, [f.to(device) for f in features]).argmax(1).cpu() == y).float().mean())
