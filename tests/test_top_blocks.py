@@ -141,18 +141,22 @@ def test_frozen_branches_share_the_ordinary_feature_cache(register_plugin, data,
     assert inputs[1].shape == (len(data), model.branches[1].feature_dim)
 
 
-def test_trained_model_saves_loads_exports_and_signs(engine, data, tmp_path):
+@pytest.mark.parametrize(
+    "fusion, flags", [("concat", []), ("vote", ["--independent-branches"])], ids=["joint", "independent"]
+)
+def test_trained_model_saves_loads_exports_and_signs(engine, data, tmp_path, fusion, flags):
     from fusion_engine.artifacts.signing import generate_keypair
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"backbones": [EFFNET | {"input_size": 24}, RESNET], "fusion": "concat"}))
+    config.write_text(json.dumps({"backbones": [EFFNET | {"input_size": 24}, RESNET], "fusion": fusion}))
     private, public = generate_keypair(tmp_path / "signing.pem")
     run = tmp_path / "run"
-    args = ["train", "--config", str(config), "--data", "digits", "--train-blocks", "1", "--epochs", "2"]
+    args = ["train", "--config", str(config), "--data", "digits", "--train-blocks", "1", "--epochs", "2", *flags]
     args += ["--views", "flip,flip-average", "--no-cache", "--no-baselines", "--out", str(run)]
     assert main([*args, "--sign-key", str(private), "-q"]) == 0
     model = load(run, public_key=public)
     assert model.history["config"]["train_blocks"] == 1 and model.config.flip_average  # kept by save and load
+    assert model.history["config"]["independent_branches"] == bool(flags)
     images = torch.rand(6, 3, 24, 24)
     torch.testing.assert_close(load(run).predict_proba(images), model.predict_proba(images))
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0  # parity checked
