@@ -31,7 +31,7 @@ from shared_data import DATASETS, SHARED
 from fusion_engine import Engine
 from fusion_engine.core.data import load_dataset, stratified_split
 from fusion_engine.core.loader import make_loader
-from fusion_engine.training.evaluation import evaluate, logits_from_features
+from fusion_engine.training.evaluation import evaluate, probe_logits
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.metrics import paired_difference_se
 from fusion_engine.training.views import flip_averaged
@@ -82,7 +82,7 @@ def branch_head_predictions(model, test, cache) -> dict[str, np.ndarray]:
     if model.config.flip_average:
         features = flip_averaged(cache, model, test, features, progress=False)
     return {
-        name: logits_from_features(lambda batch, h=head: h(batch[0]), [f]).argmax(1)
+        name: probe_logits(head, f).argmax(1)
         for name, head, f in zip(model.branch_names, model.fusion.branch_heads, features)
     }
 
@@ -162,11 +162,12 @@ def main() -> int:
                 unaveraged = evaluate(model, test, cache=held_out_cache, progress=False)["accuracy"]
                 model.config.flip_average = True
                 rows[-1]["held_out_without_flip_average"] = round(unaveraged, 4)
-            if history.get("independent_branches"):  # fused vs its best branch alone, paired on the same images
+            if history["config"]["independent_branches"]:  # fused vs its best branch alone, on the same images
                 alone = branch_head_predictions(model, test, held_out_cache)
-                best = max(alone, key=lambda name: (alone[name] == test.targets).mean())
-                rows[-1]["branches_alone"] = {k: round(float((p == test.targets).mean()), 4) for k, p in alone.items()}
-                rows[-1]["vs_best_alone"] = round(accuracy - rows[-1]["branches_alone"][best], 4)
+                scores = {name: float((p == test.targets).mean()) for name, p in alone.items()}
+                best = max(scores, key=scores.get)
+                rows[-1]["branches_alone"] = {name: round(a, 4) for name, a in scores.items()}
+                rows[-1]["vs_best_alone"] = round(accuracy - scores[best], 4)
                 se = paired_difference_se(test.targets, report.predictions, alone[best])
                 rows[-1]["two_se_vs_best_alone"] = round(2 * se, 4)
             if args.baselines:

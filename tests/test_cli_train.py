@@ -685,7 +685,7 @@ def test_search_with_independent_branches_keeps_fusions_with_a_head_per_branch(t
     assert [p["fusion"] for p in invalid] == ["concat", "concat(hidden=512)"]
     assert "cannot train independently" in invalid[0]["error"]
     model = fusion_engine.load(run)
-    assert model.config.fusion.name == "vote" and model.history["independent_branches"]
+    assert model.config.fusion.name == "vote" and model.history["config"]["independent_branches"]
     assert all("branch_val_accuracy" in e for e in model.history["epochs"])
 
 

@@ -611,10 +611,14 @@ class FittedQuestionPlugin:
 
 
 def test_is_fitted_asks_the_class_and_survives_a_factory_that_refuses_tiny_inputs(register_plugin):
-    from fusion_engine.search.run import is_fitted
+    from fusion_engine.search.run import fusion_has
 
     register_plugin(FittedQuestionPlugin())
     engine = Engine.from_plugins()
+
+    def is_fitted(engine, fusion):
+        return fusion_has(engine, fusion, "requires_fit")
+
     assert is_fitted(engine, {"name": "stacking"}) and not is_fitted(engine, {"name": "concat", "hidden": 16})
     assert is_fitted(engine, {"name": "fitted_only"})  # from the class: never built
     assert not is_fitted(engine, {"name": "wide_only"})  # cannot be built tiny: treated as trained by gradient

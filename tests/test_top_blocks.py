@@ -277,7 +277,7 @@ def test_independent_branches_keep_each_ones_best_epoch(engine, data):
     history = model.fit(
         data, train_blocks=1, independent_branches=True, epochs=4, lr=3e-2, use_cache=False, baselines=False, **QUIET
     )
-    assert history["independent_branches"]
+    assert history["config"]["independent_branches"]
     _, val = stratified_split(data, 0.15, 0)  # fit()'s validation split
     model.eval()
     with torch.no_grad():

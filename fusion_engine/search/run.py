@@ -80,9 +80,15 @@ def fusion_has(engine, fusion: dict, trait: str) -> bool:
     return bool(getattr(built, trait, False))
 
 
-def is_fitted(engine, fusion: dict) -> bool:
-    """Is ``fusion`` fitted (``requires_fit``, as stacking) rather than trained by gradient?"""
-    return fusion_has(engine, fusion, "requires_fit")
+def winner_rules(train_config: TrainConfig) -> list[tuple[str, bool, str, str]]:
+    """What the winner's final training asks of its fusion, as ``(trait, must have it, why a fusion without it is
+    refused, a screening fusion that has it)``; traits as :func:`fusion_has` reads them."""
+    rules = []
+    if train_config.train_blocks:  # the winner's top blocks train by gradient with its fusion
+        rules.append(("requires_fit", False, TOP_BLOCKS_NEED_GRADIENT, "concat"))
+    if train_config.independent_branches:  # the winner's branches train apart: a head per branch needed
+        rules.append(("branch_heads", True, INDEPENDENT_NEEDS_BRANCH_HEADS, "vote"))
+    return rules
 
 
 def search(
@@ -133,14 +139,11 @@ def search(
                 fusion_list.append({"name": name, **options})
             except FusionEngineError as exc:
                 fusion_problems.append({"fusion": fusion_label(name, options), "error": str(exc)})
-    if train_config.train_blocks:  # the winner's top blocks train by gradient with its fusion
-        fitted = [f for f in fusion_list if is_fitted(engine, f)]
-        fusion_list = [f for f in fusion_list if f not in fitted]
-        fusion_problems += [{"fusion": setting_label(f), "error": TOP_BLOCKS_NEED_GRADIENT} for f in fitted]
-    if train_config.independent_branches:  # the winner's branches train apart: a head per branch needed
-        joint = [f for f in fusion_list if not fusion_has(engine, f, "branch_heads")]
-        fusion_list = [f for f in fusion_list if f not in joint]
-        fusion_problems += [{"fusion": setting_label(f), "error": INDEPENDENT_NEEDS_BRANCH_HEADS} for f in joint]
+    rules = winner_rules(train_config)
+    for trait, wanted, reason, _ in rules:
+        refused = [f for f in fusion_list if fusion_has(engine, f, trait) != wanted]
+        fusion_list = [f for f in fusion_list if f not in refused]
+        fusion_problems += [{"fusion": setting_label(f), "error": reason} for f in refused]
     if not fusion_list:
         raise ConfigError("no candidate fusion is valid: " + "; ".join(p["error"] for p in fusion_problems))
     if config.screen is not None:
@@ -150,12 +153,11 @@ def search(
         )
     else:
         screen = dict(SCREEN_FUSION) if "concat" in engine.registry.names("fusion") else dict(fusion_list[0])
-        if train_config.independent_branches:  # a screening row may win: it must train as the winner will
-            screen = dict(fusion_list[0])
-    if train_config.train_blocks and is_fitted(engine, screen):
-        raise ConfigError(f"screen fusion {setting_label(screen)}: {TOP_BLOCKS_NEED_GRADIENT}; screen with concat")
-    if train_config.independent_branches and not fusion_has(engine, screen, "branch_heads"):
-        raise ConfigError(f"screen fusion {setting_label(screen)}: {INDEPENDENT_NEEDS_BRANCH_HEADS}; screen with vote")
+        if any(fusion_has(engine, screen, trait) != wanted for trait, wanted, _, _ in rules):
+            screen = dict(fusion_list[0])  # a screening row may win: it must train as the winner will
+    for trait, wanted, reason, fix in rules:
+        if fusion_has(engine, screen, trait) != wanted:
+            raise ConfigError(f"screen fusion {setting_label(screen)}: {reason}; screen with {fix}")
 
     device = resolve_device(train_config.device)
     train = load_dataset(train)

@@ -95,9 +95,10 @@ def logits_from_features(head, features: list[np.ndarray], batch_size: int = 409
     return torch.cat(out).numpy()
 
 
-def probe_logits(probe, features: np.ndarray) -> np.ndarray:
+def probe_logits(probe, features: np.ndarray, device="cpu") -> np.ndarray:
+    """``probe(features)`` of a one-input module (a branch probe, a branch head), in eval mode and in batches."""
     probe.eval()
-    return logits_from_features(lambda batch: probe(batch[0]), [features])
+    return logits_from_features(lambda batch: probe(batch[0]), [features], device=device)
 
 
 def evaluate(

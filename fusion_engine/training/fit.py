@@ -138,7 +138,6 @@ def fit(
             train_feats, val_feats = top.features(train_feats, device), top.features(val_feats, device)
             if val_mirrored is not None:
                 averaged_val_feats = mean_of_views(val_feats, top.features(val_mirrored, device))
-            history["independent_branches"] = config.independent_branches
             history["views"] = list(config.feature_views)
             history["flip_average"] = bool(config.flip_average)
             model.config.flip_average = bool(config.flip_average)

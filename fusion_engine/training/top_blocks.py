@@ -48,7 +48,7 @@ from fusion_engine.core.progress import Progress
 from fusion_engine.errors import ConfigError
 from fusion_engine.runtime.runtimes import fast_memory_format
 from fusion_engine.training.config import TrainConfig
-from fusion_engine.training.evaluation import logits_from_features
+from fusion_engine.training.evaluation import logits_from_features, probe_logits
 from fusion_engine.training.feature_cache import branch_key
 from fusion_engine.training.views import mean_of_views
 
@@ -102,6 +102,14 @@ class TopBlocks:
                 "--train-blocks: no branch has a backbone that can be split into trunk and top blocks (timm "
                 "EfficientNet, MobileNet and ResNet models can); use --train-blocks 0"
             )
+        if independent:
+            shared = [top for top in self.tops if len(top.branches) > 1]
+            if shared:
+                names = ", ".join(model.branches[i].name for i in shared[0].branches)
+                raise ConfigError(
+                    f"branches {names} share one backbone, whose top cannot train on two losses apart; give each "
+                    "branch its own backbone, or drop --independent-branches"
+                )
         with torch.no_grad():
             was_training = model.training
             model.eval()
@@ -111,14 +119,6 @@ class TopBlocks:
                 dummy = torch.zeros(1, channels, *input_size_for(model), device=device)
                 top.shape = tuple(top.trunk(model.preprocessors[top.preprocess](dummy)).shape[1:])
             model.train(was_training)
-        if independent:
-            shared = [top for top in self.tops if len(top.branches) > 1]
-            if shared:
-                names = ", ".join(model.branches[i].name for i in shared[0].branches)
-                raise ConfigError(
-                    f"branches {names} share one backbone, whose top cannot train on two losses apart; give each "
-                    "branch its own backbone, or drop --independent-branches"
-                )
         self.top_modules = torch.nn.ModuleList(top.top for top in self.tops)
         self.params = list(self.top_modules.parameters())  # a shared module's parameters once
 
@@ -271,9 +271,8 @@ class TopBlocks:
         head = self.model.fusion
         if not self.independent:
             return [float((logits_from_features(head, features, device=device).argmax(1) == y).mean())]
-        head.eval()
         return [
-            float((logits_from_features(lambda batch, h=h: h(batch[0]), [f], device=device).argmax(1) == y).mean())
+            float((probe_logits(h, f, device=device).argmax(1) == y).mean())
             for h, f in zip(head.branch_heads, features)
         ]
 
