@@ -623,3 +623,18 @@ def test_is_fitted_asks_the_class_and_survives_a_factory_that_refuses_tiny_input
     assert is_fitted(engine, {"name": "fitted_only"})  # from the class: never built
     assert not is_fitted(engine, {"name": "wide_only"})  # cannot be built tiny: treated as trained by gradient
     assert is_fitted(engine, {"name": "fitted_by_function"})
+
+
+@pytest.mark.parametrize(
+    "screen, training, fix",
+    [
+        ("stacking", {"train_blocks": 1}, r"fitted, not trained by gradient.*screen with concat"),
+        ("concat", {"train_blocks": 1, "independent_branches": True}, r"one head over all branches.*screen with vote"),
+    ],
+)
+def test_a_screen_the_winners_training_cannot_use_is_refused_with_the_fix(engine, digits, screen, training, fix):
+    """A screening row may win, so the screen must train as the winner will (top blocks, independent branches)."""
+    from fusion_engine.training.config import train_config
+
+    with pytest.raises(ConfigError, match=rf"screen fusion {screen}: {fix}"):
+        search(digits[0], [FULL], engine=engine, screen=screen, train_config=train_config(**training), baseline=False)
