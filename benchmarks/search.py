@@ -2,6 +2,8 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/search.py --dataset cifar --cache-dir /work/cache/bench \\
         --fixed /work/bench/cifar.json --json /work/bench/search-cifar.json          # or --dataset usps
+    # the winner's final training as train's flags set it, e.g.
+    #   --train-blocks 2 --independent-branches --views flip,shift,flip-average --epochs 25 --no-recompute
 
 Data and split exactly as benchmarks/transfer.py (CIFAR-10 JPEG 8k: 6000/2000, USPS: 5291/2000,
 stratified, seed 0), so a cache that transfer.py filled is reused: the candidates are every
@@ -28,10 +30,12 @@ import torch
 from shared_data import add_split_arguments, held_out_split
 
 from fusion_engine import Engine
+from fusion_engine.cli.common import given
 from fusion_engine.core.weights_index import all_entries
 from fusion_engine.search.run import search
 from fusion_engine.training.config import TrainConfig
 from fusion_engine.training.feature_cache import FeatureCache
+from fusion_engine.training.views import view_options
 
 FIXED_FUSIONS = ["concat", "attention", "gated", "vote", "stacking"]
 
@@ -77,6 +81,10 @@ def main() -> int:
     parser.add_argument("--no-recompute", action="store_true", help="skip recomputing the fixed configurations")
     parser.add_argument("--out", help="RUN_DIR for the searched model (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--train-blocks", type=int, help="train the winner's last K stages (train --train-blocks)")
+    parser.add_argument("--independent-branches", action="store_true", help="as train --independent-branches")
+    parser.add_argument("--views", help="as train --views (e.g. flip,shift,flip-average)")
+    parser.add_argument("--epochs", type=int, help="the final training's epochs (default: TrainConfig's)")
     args = parser.parse_args()
     data, train, test = held_out_split(args)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
@@ -85,7 +93,13 @@ def main() -> int:
         f"{torch.get_num_threads()} threads"
     )
     engine = Engine.from_plugins()
-    train_config = TrainConfig(seed=args.seed, device=args.device)
+    train_config = TrainConfig(
+        seed=args.seed,
+        device=args.device,
+        **given(train_blocks=args.train_blocks, epochs=args.epochs),
+        independent_branches=args.independent_branches,
+        **view_options(args.views),
+    )
     start = time.perf_counter()
     candidates = mobilenets()
     if "handcrafted" in engine.registry.names("backbone"):  # as fusion-engine train --search adds it
@@ -149,6 +163,7 @@ def main() -> int:
         "device": args.device,
         "threads": torch.get_num_threads(),
         "limit": args.limit,
+        "train_config": train_config.model_dump(),
         "searched_held_out": searched,
         "winner": result.winner["candidate"],
         "winner_config": result.winner_config,

@@ -57,3 +57,24 @@ def test_top_blocks_runs_a_tiny_split_with_flip_average_independent_branches_and
         independent["held_out_accuracy"] - max(alone.values()), abs=2e-4
     )
     assert "the vote of branches trained apart" in result.stdout
+
+
+def test_search_trains_the_winner_as_train_flags_say(shared_dir, subprocess_env, tmp_path):
+    out = tmp_path / "search.json"
+    args = ["--dataset", "cifar", "--limit", "120", "--cache-dir", str(tmp_path / "cache"), "--time-budget", "0.5",
+            "--max-branches", "1", "--folds", "2", "--no-recompute", "--train-blocks", "1", "--independent-branches",
+            "--views", "flip,flip-average", "--epochs", "1", "--out", str(tmp_path / "run"), "--json", str(out)]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "search.py"), *args],
+        capture_output=True,
+        text=True,
+        env={**subprocess_env, "FUSION_ENGINE_SHARED": str(shared_dir)},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    config = summary["train_config"]
+    assert (config["train_blocks"], config["independent_branches"], config["epochs"]) == (1, True, 1)
+    assert (config["feature_views"], config["flip_average"]) == (["flip"], True)
+    assert summary["winner_config"]["fusion"]["name"] == "vote"  # the only built-in fusion with a head per branch
+    assert 0 <= summary["searched_held_out"] <= 1
