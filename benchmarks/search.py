@@ -33,7 +33,7 @@ from fusion_engine import Engine
 from fusion_engine.cli.common import given
 from fusion_engine.core.weights_index import all_entries
 from fusion_engine.search.run import search
-from fusion_engine.training.config import TrainConfig
+from fusion_engine.training.config import train_config as validated_train_config
 from fusion_engine.training.feature_cache import FeatureCache
 from fusion_engine.training.views import view_options
 
@@ -93,7 +93,7 @@ def main() -> int:
         f"{torch.get_num_threads()} threads"
     )
     engine = Engine.from_plugins()
-    train_config = TrainConfig(
+    train_config = validated_train_config(
         seed=args.seed,
         device=args.device,
         **given(train_blocks=args.train_blocks, epochs=args.epochs),

@@ -26,6 +26,19 @@ def test_benchmark_help(script, subprocess_env):
     assert result.stdout.startswith("usage:")
 
 
+def run_on_shared_data(script: str, args: list[str], shared_dir, subprocess_env) -> subprocess.CompletedProcess:
+    """Run a benchmark script on ../shared's data; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        env={**subprocess_env, "FUSION_ENGINE_SHARED": str(shared_dir)},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_top_blocks_runs_a_tiny_split_with_flip_average_independent_branches_and_paired_margins(
     shared_dir, subprocess_env, tmp_path
 ):
@@ -34,14 +47,7 @@ def test_top_blocks_runs_a_tiny_split_with_flip_average_independent_branches_and
     args = ["--dataset", "cifar", "--limit", "200", "--held-out", "60", "--weights", weights, "--input-size", "32",
             "--rows", "0,1:flip+flip-average,1:flip+independent", "--epochs", "2", "--speed-images", "8", "--baselines",
             "--single-rivals", "--json", str(out)]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "top_blocks.py"), *args],
-        capture_output=True,
-        text=True,
-        env={**subprocess_env, "FUSION_ENGINE_SHARED": str(shared_dir)},
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_on_shared_data("top_blocks.py", args, shared_dir, subprocess_env)
     frozen, averaged, independent = json.loads(out.read_text())["rows"]
     assert "held_out_without_flip_average" in averaged and "held_out_without_flip_average" not in frozen
     for row in (frozen, averaged):
@@ -64,14 +70,7 @@ def test_search_trains_the_winner_as_train_flags_say(shared_dir, subprocess_env,
     args = ["--dataset", "cifar", "--limit", "120", "--cache-dir", str(tmp_path / "cache"), "--time-budget", "0.5",
             "--max-branches", "1", "--folds", "2", "--no-recompute", "--train-blocks", "1", "--independent-branches",
             "--views", "flip,flip-average", "--epochs", "1", "--out", str(tmp_path / "run"), "--json", str(out)]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "search.py"), *args],
-        capture_output=True,
-        text=True,
-        env={**subprocess_env, "FUSION_ENGINE_SHARED": str(shared_dir)},
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    run_on_shared_data("search.py", args, shared_dir, subprocess_env)
     summary = json.loads(out.read_text())
     config = summary["train_config"]
     assert (config["train_blocks"], config["independent_branches"], config["epochs"]) == (1, True, 1)
